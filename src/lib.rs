@@ -1,0 +1,18 @@
+//! sessionguard: an Envoy proxy-wasm filter that keeps a Kask-style session store
+//! alive under overload.
+//!
+//! Everything but `host` is plain Rust with no proxy-wasm types, tested natively
+//! and as wasm; `host` is the only code that talks to Envoy.
+
+pub mod admission;
+pub mod classify;
+pub mod config;
+pub mod keytable;
+pub mod limiter;
+pub mod negcache;
+pub mod pressure;
+pub mod reply;
+pub mod shared;
+
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+mod host;
