@@ -221,6 +221,8 @@ pub fn field(section: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn err(json: &str) -> ConfigError {
         Config::parse(json.as_bytes()).unwrap_err()

@@ -224,6 +224,8 @@ fn push_valid(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn not_found_is_byte_identical_to_kask() {

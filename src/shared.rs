@@ -150,6 +150,8 @@ impl SharedStore for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn add_one(store: &MemStore, attempts: u32) -> Result<Option<u64>, UpdateError> {
         update(store, "n", attempts, |cur| {
