@@ -10,7 +10,7 @@ setup:
 	@scripts/setup.sh
 
 build: setup
-	cargo build --release --target wasm32-wasip1 -p sessionguard
+	cargo build --release --target wasm32-wasip1 -p sessionguard -p noop-filter
 	cargo build --release -p kask-sim -p sessionload
 	@echo "sessionguard.wasm: $$(stat -c %s $(WASM)) bytes"
 

@@ -54,3 +54,13 @@ def test_envoy_refuses_bad_plugin_config(plugin, field, message, workdir, envoy)
 def test_good_plugin_config_is_accepted(sidecar):
     _, e = sidecar(plugin={"concurrency": {"mode": "fixed", "limit": 64}})
     assert "configuration accepted" in e.log_text()
+
+
+@pytest.mark.parametrize("name", sorted(__import__("baselines").ALL))
+def test_comparison_baseline_configs_validate(name, workdir):
+    import baselines
+    cfg = baselines.ALL[name](harness.load_config("sidecar.yaml"))
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = harness.validate(path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
