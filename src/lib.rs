@@ -7,12 +7,19 @@
 pub mod admission;
 pub mod classify;
 pub mod config;
+pub mod election;
+pub mod fingerprint;
+pub mod gradient;
 pub mod keytable;
 pub mod limiter;
 pub mod negcache;
 pub mod pressure;
+pub mod prom;
 pub mod reply;
+pub mod rng;
 pub mod shared;
+pub mod singleflight;
+mod wire;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod host;

@@ -1,8 +1,104 @@
 //! Backend memory pressure: from the store's own memory to a shed probability.
+//!
+//! # What is measured, and why not resident memory alone
+//!
+//! The store is a Go service. Under a surge each in-flight request costs it about
+//! 35 KB (heap objects plus a goroutine stack), so its memory follows the number of
+//! requests it holds, and it is OOM-killed when that number gets too high. When the
+//! surge ends the goroutines exit and the heap objects die at once, so
+//! `go_memstats_heap_inuse_bytes + go_memstats_stack_inuse_bytes` falls within a GC
+//! cycle. `process_resident_memory_bytes` does not: the Go runtime keeps the freed
+//! spans mapped and returns them to the kernel lazily (the background scavenger, and
+//! a forced GC only every two minutes), so resident memory stays near its peak for
+//! minutes. A shedder driven by RSS alone therefore keeps rejecting traffic for
+//! minutes after the danger has passed, on a pod whose memory is free for the
+//! taking: Go reuses those retained pages before it asks the kernel for more.
+//!
+//! So each poll reads two signals:
+//! - the **demand** — the sum of [`MemoryConfig::demand_gauges`] (default heap in use
+//!   plus stack in use): the memory the live requests hold right now. It decides
+//!   between `soft` and `hard`, and beyond.
+//! - the **ceiling** — [`MemoryConfig::gauge`] (default resident memory): what the
+//!   kernel charges to the pod's cgroup. It only acts at `critical`: once it reaches
+//!   `critical`, the ratio used is `max(demand, ceiling)`. This catches memory the
+//!   demand gauges do not see (cgo, runtime overhead, a leak) when the pod is truly
+//!   about to be killed. While demand-driven shedding works, the ceiling's peak stays
+//!   below `critical`, so after a surge the retained RSS does not keep shedding on.
+//!
+//! If the demand gauges are not all in a complete body (not a Go service), the
+//! ceiling decides alone (the snapshot says so). An empty `demand_gauges` list
+//! selects that mode explicitly.
+//!
+//! # The curve
+//!
+//! With `r` the ratio of the worst fresh endpoint to `memory_limit_bytes`:
+//! - `r <= soft`: nothing is shed; the limit factor is 1.
+//! - `soft < r < hard`: sheddable traffic is shed with probability `x²`, where
+//!   `x = (r − soft)/(hard − soft)`: gentle at first (a quarter at mid-band), so a
+//!   small excess costs little traffic, and all of it at `hard`.
+//! - `r >= hard`: all sheddable traffic is shed, and the concurrency limit is scaled
+//!   by a factor falling linearly from 1 at `hard` to `min_limit_factor` at `critical`.
+//!   Critical traffic is still admitted.
+//! - `r >= critical`: critical traffic is shed too, with a probability rising
+//!   linearly from 0 at `critical` to `critical_max_shed` at the limit itself
+//!   (`r = 1`; at once if `critical >= 1`): an OOM kill serves no one.
+//!
+//! Severity (for `Retry-After`) is `(r − soft)/(critical − soft)`, clamped to [0, 1].
+//!
+//! # Smoothing
+//!
+//! A rising sample is taken as is, so pressure is acted on within one poll. A
+//! falling one is blended, `s·previous + (1 − s)·sample` with `s = fall_smoothing`
+//! (0.5 by default): one lucky poll does not switch shedding off, yet after a surge
+//! the ratio halves its distance to the real value every poll, so shedding stops
+//! within one or two polls (from a ratio of 0.9 to a demand of 0.3: 0.6 at the
+//! first poll, below `soft`).
+//!
+//! # Staleness and failures
+//!
+//! Each endpoint has a state ([`EndpointStatus`]); only `Fresh` and `Failing` ones
+//! drive shedding, and never on a sample older than `max_sample_age_ms`:
+//! - a good sample makes the endpoint `Fresh`;
+//! - a failed poll (timeout, call failure, non-200, unreadable body) makes it
+//!   `Failing` while its last good sample is still younger than `max_sample_age_ms`,
+//!   then `Failed`. Holding the last sample a few seconds is deliberate: a store too
+//!   overloaded to answer its `/metrics` in time is the one that most needs
+//!   protection. `drop_on_failure: true` makes a failed poll stop the endpoint
+//!   driving at once instead;
+//! - a sample that grows old without any newer result (the poller stopped) makes it
+//!   `Stale`.
+//!
+//! [`PressureTracker::take_transitions`] reports each change of state once, for the
+//! log; [`PressureStats`] and [`EndpointStats`] carry the counters.
+//!
+//! # Sharing across workers
+//!
+//! One elected worker polls and feeds a [`PressureTracker`]; on every tick it
+//! publishes [`PressureTracker::snapshot`] under [`SNAPSHOT_KEY`] ([`publish`]). Every
+//! worker reads it back on its tick ([`load`]), keeps the [`PressureSnapshot`], and
+//! calls [`PressureSnapshot::decide`] per request: pure arithmetic, no hostcall. A
+//! snapshot older than `max_sample_age_ms` (the poller died) is ignored. The layout
+//! is fixed ([`SNAPSHOT_LEN`] bytes, checksummed); see [`PressureSnapshot::encode`].
+
+use std::fmt;
 
 use serde::Deserialize;
 
+use crate::classify::Criticality;
 use crate::config::{check_range, check_unit, field, ConfigError};
+use crate::prom::{find_many, PromError, Selector};
+use crate::shared::{update, SharedStore, UpdateError};
+
+// ---------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------
+
+/// Most metrics endpoints one filter polls.
+pub const MAX_ENDPOINTS: usize = 256;
+/// Most demand gauges summed.
+pub const MAX_DEMAND_GAUGES: usize = 8;
+/// A limit below this is surely a unit mistake (MiB written for bytes).
+const MIN_MEMORY_LIMIT_BYTES: u64 = 1 << 20;
 
 /// One metrics endpoint to poll (one per store pod).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -24,6 +120,30 @@ impl Default for MetricsEndpoint {
     }
 }
 
+impl MetricsEndpoint {
+    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        if self.cluster.trim().is_empty() {
+            return Err(ConfigError::new(
+                field(section, "cluster"),
+                "must name the Envoy cluster that reaches the store pod",
+            ));
+        }
+        if !self.path.starts_with('/') {
+            return Err(ConfigError::new(
+                field(section, "path"),
+                format!("must start with `/` (like `/metrics`), got {:?}", self.path),
+            ));
+        }
+        if self.authority.trim().is_empty() {
+            return Err(ConfigError::new(
+                field(section, "authority"),
+                "must not be empty (it is sent as `:authority`)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
@@ -35,14 +155,28 @@ pub struct MemoryConfig {
     pub endpoints: Vec<MetricsEndpoint>,
     pub poll_interval_ms: u64,
     pub timeout_ms: u64,
-    /// A sample older than this stops driving shedding.
+    /// A sample older than this stops driving shedding; a published snapshot older
+    /// than this is ignored by the other workers.
     pub max_sample_age_ms: u64,
-    /// Gauge that decides (live demand).
+    /// The ceiling: what the kernel charges the pod (resident memory). A selector:
+    /// `name` or `name{label="value",…}`. Acts only at `critical` (see the module docs).
     pub gauge: String,
+    /// Summed, they are the live demand that decides shedding. Empty: decide on
+    /// `gauge` alone (for services that are not written in Go).
+    pub demand_gauges: Vec<String>,
     pub soft: f64,
     pub hard: f64,
     /// Above this ratio even critical traffic is shed: an OOM kill serves no one.
     pub critical: f64,
+    /// Probability of shedding critical traffic reached at the limit itself.
+    pub critical_max_shed: f64,
+    /// Factor applied to the concurrency limit at `critical` (1 at `hard`).
+    pub min_limit_factor: f64,
+    /// Weight of the previous ratio when a sample is lower (0 = no smoothing).
+    pub fall_smoothing: f64,
+    /// true: a failed poll stops the endpoint driving shedding at once; false: its
+    /// last good sample keeps driving until it is `max_sample_age_ms` old.
+    pub drop_on_failure: bool,
 }
 
 impl Default for MemoryConfig {
@@ -56,9 +190,17 @@ impl Default for MemoryConfig {
             timeout_ms: 500,
             max_sample_age_ms: 5000,
             gauge: "process_resident_memory_bytes".to_string(),
+            demand_gauges: vec![
+                "go_memstats_heap_inuse_bytes".to_string(),
+                "go_memstats_stack_inuse_bytes".to_string(),
+            ],
             soft: 0.70,
             hard: 0.85,
             critical: 0.95,
+            critical_max_shed: 0.5,
+            min_limit_factor: 0.5,
+            fall_smoothing: 0.5,
+            drop_on_failure: false,
         }
     }
 }
@@ -71,13 +213,39 @@ impl MemoryConfig {
                 "must be set (the store pod's memory limit in bytes) when memory shedding is enabled",
             ));
         }
+        if self.memory_limit_bytes != 0 && self.memory_limit_bytes < MIN_MEMORY_LIMIT_BYTES {
+            return Err(ConfigError::new(
+                field(section, "memory_limit_bytes"),
+                format!(
+                    "must be in bytes (e.g. 419430400 for 400Mi), got {}",
+                    self.memory_limit_bytes
+                ),
+            ));
+        }
         if self.enabled && self.endpoints.is_empty() {
             return Err(ConfigError::new(
                 field(section, "endpoints"),
                 "must list at least one metrics endpoint when memory shedding is enabled",
             ));
         }
-        check_range(&field(section, "poll_interval_ms"), self.poll_interval_ms, 100, 60_000)?;
+        if self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(ConfigError::new(
+                field(section, "endpoints"),
+                format!(
+                    "must list at most {MAX_ENDPOINTS} endpoints, got {}",
+                    self.endpoints.len()
+                ),
+            ));
+        }
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            endpoint.validate(&format!("{}[{i}]", field(section, "endpoints")))?;
+        }
+        check_range(
+            &field(section, "poll_interval_ms"),
+            self.poll_interval_ms,
+            100,
+            60_000,
+        )?;
         check_range(&field(section, "timeout_ms"), self.timeout_ms, 10, 60_000)?;
         check_range(
             &field(section, "max_sample_age_ms"),
@@ -85,8 +253,1902 @@ impl MemoryConfig {
             self.poll_interval_ms,
             600_000,
         )?;
+        if let Err(e) = Selector::parse(&self.gauge) {
+            return Err(ConfigError::new(field(section, "gauge"), e.to_string()));
+        }
+        if self.demand_gauges.len() > MAX_DEMAND_GAUGES {
+            return Err(ConfigError::new(
+                field(section, "demand_gauges"),
+                format!(
+                    "must list at most {MAX_DEMAND_GAUGES} gauges, got {}",
+                    self.demand_gauges.len()
+                ),
+            ));
+        }
+        let mut parsed: Vec<Selector> = Vec::with_capacity(self.demand_gauges.len());
+        for (i, text) in self.demand_gauges.iter().enumerate() {
+            let name = format!("{}[{i}]", field(section, "demand_gauges"));
+            let selector =
+                Selector::parse(text).map_err(|e| ConfigError::new(&name, e.to_string()))?;
+            if parsed.contains(&selector) {
+                return Err(ConfigError::new(
+                    name,
+                    format!("{text:?} is listed twice (it would be counted twice)"),
+                ));
+            }
+            parsed.push(selector);
+        }
         check_unit(&field(section, "soft"), self.soft, 0.01, 1.0)?;
         check_unit(&field(section, "hard"), self.hard, self.soft, 1.0)?;
-        check_unit(&field(section, "critical"), self.critical, self.hard, 2.0)
+        check_unit(&field(section, "critical"), self.critical, self.hard, 2.0)?;
+        check_unit(
+            &field(section, "critical_max_shed"),
+            self.critical_max_shed,
+            0.0,
+            1.0,
+        )?;
+        check_unit(
+            &field(section, "min_limit_factor"),
+            self.min_limit_factor,
+            0.01,
+            1.0,
+        )?;
+        check_unit(
+            &field(section, "fall_smoothing"),
+            self.fall_smoothing,
+            0.0,
+            0.95,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The curve
+// ---------------------------------------------------------------------------------
+
+/// Ratio → shed probabilities, limit factor and severity (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Curve {
+    pub soft: f64,
+    pub hard: f64,
+    pub critical: f64,
+    pub critical_max_shed: f64,
+    pub min_limit_factor: f64,
+}
+
+impl Curve {
+    pub fn from_config(cfg: &MemoryConfig) -> Curve {
+        Curve {
+            soft: cfg.soft,
+            hard: cfg.hard,
+            critical: cfg.critical,
+            critical_max_shed: cfg.critical_max_shed,
+            min_limit_factor: cfg.min_limit_factor,
+        }
+    }
+
+    /// Probability of shedding a sheddable request: 0 up to `soft`, `x²` in the band,
+    /// 1 from `hard`.
+    pub fn sheddable(&self, r: f64) -> f64 {
+        if r.is_nan() || r <= self.soft {
+            0.0
+        } else if r >= self.hard {
+            1.0
+        } else {
+            let x = (r - self.soft) / (self.hard - self.soft);
+            unit(x * x)
+        }
+    }
+
+    /// Probability of shedding a critical request: 0 below `critical`, then linear up
+    /// to `critical_max_shed` at `r = 1`.
+    pub fn critical(&self, r: f64) -> f64 {
+        if r.is_nan() || r < self.critical {
+            0.0
+        } else if self.critical >= 1.0 || r >= 1.0 {
+            unit(self.critical_max_shed)
+        } else {
+            unit(self.critical_max_shed * (r - self.critical) / (1.0 - self.critical))
+        }
+    }
+
+    /// Factor for the concurrency limit: 1 up to `hard`, linear down to
+    /// `min_limit_factor` at `critical`, constant beyond. Always in (0, 1].
+    pub fn limit_factor(&self, r: f64) -> f64 {
+        let min = if self.min_limit_factor.is_finite() {
+            self.min_limit_factor.clamp(0.01, 1.0)
+        } else {
+            1.0
+        };
+        if r.is_nan() || r <= self.hard {
+            1.0
+        } else if r >= self.critical {
+            min
+        } else {
+            let x = (r - self.hard) / (self.critical - self.hard);
+            (1.0 - (1.0 - min) * x).clamp(min, 1.0)
+        }
+    }
+
+    /// How severe the overload is, in [0, 1]: 0 at `soft`, 1 at `critical`.
+    pub fn severity(&self, r: f64) -> f64 {
+        if r.is_nan() || r <= self.soft {
+            0.0
+        } else if r >= self.critical {
+            1.0
+        } else {
+            unit((r - self.soft) / (self.critical - self.soft))
+        }
+    }
+}
+
+/// Clamps to [0, 1]; NaN becomes 0.
+fn unit(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(0.0, 1.0)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Endpoint states
+// ---------------------------------------------------------------------------------
+
+/// Why a poll produced no sample.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailureReason {
+    /// No response within `timeout_ms`.
+    Timeout,
+    /// The call could not be made or broke (unknown cluster, reset, zero headers).
+    CallFailed,
+    /// The store answered with another status than 200.
+    HttpStatus(u16),
+    /// The body did not give the gauges.
+    Metrics(PromError),
+}
+
+impl FailureReason {
+    /// Short, fixed name for metrics and tags.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FailureReason::Timeout => "timeout",
+            FailureReason::CallFailed => "call_failed",
+            FailureReason::HttpStatus(_) => "http_status",
+            FailureReason::Metrics(_) => "metrics",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureReason::Timeout => f.write_str("the metrics call timed out"),
+            FailureReason::CallFailed => f.write_str("the metrics call failed"),
+            FailureReason::HttpStatus(s) => write!(f, "the metrics endpoint answered HTTP {s}"),
+            FailureReason::Metrics(e) => e.fmt(f),
+        }
+    }
+}
+
+/// The state of one endpoint, without the failure reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusKind {
+    /// No poll result yet.
+    Pending,
+    /// The last poll succeeded and its sample is young: drives shedding.
+    Fresh,
+    /// The last poll failed but the last good sample is still young: still drives.
+    Failing,
+    /// The last poll failed and no young sample is left: does not drive.
+    Failed,
+    /// The last poll succeeded long ago and nothing came since: does not drive.
+    Stale,
+}
+
+impl StatusKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StatusKind::Pending => "pending",
+            StatusKind::Fresh => "fresh",
+            StatusKind::Failing => "failing",
+            StatusKind::Failed => "failed",
+            StatusKind::Stale => "stale",
+        }
+    }
+
+    /// Whether an endpoint in this state takes part in the decision.
+    pub fn drives(self) -> bool {
+        matches!(self, StatusKind::Fresh | StatusKind::Failing)
+    }
+}
+
+impl fmt::Display for StatusKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The state of one endpoint, with the reason of the last failure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EndpointStatus {
+    Pending,
+    Fresh,
+    Failing(FailureReason),
+    Failed(FailureReason),
+    Stale,
+}
+
+impl EndpointStatus {
+    pub fn kind(&self) -> StatusKind {
+        match self {
+            EndpointStatus::Pending => StatusKind::Pending,
+            EndpointStatus::Fresh => StatusKind::Fresh,
+            EndpointStatus::Failing(_) => StatusKind::Failing,
+            EndpointStatus::Failed(_) => StatusKind::Failed,
+            EndpointStatus::Stale => StatusKind::Stale,
+        }
+    }
+}
+
+/// A change of an endpoint's state, reported once by [`PressureTracker::take_transitions`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub endpoint: usize,
+    pub from: StatusKind,
+    pub to: StatusKind,
+    /// The last failure, when `to` is `Failing` or `Failed`.
+    pub reason: Option<FailureReason>,
+    /// Age of the last good sample, if any.
+    pub sample_age_ms: Option<u64>,
+}
+
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "memory metrics endpoint #{}: {} -> {}",
+            self.endpoint, self.from, self.to
+        )?;
+        if let Some(reason) = &self.reason {
+            write!(f, ": {reason}")?;
+        }
+        match (self.to, self.sample_age_ms) {
+            (StatusKind::Failing, Some(age)) => {
+                write!(f, " (still using the last good sample, {age} ms old)")
+            }
+            (StatusKind::Failed | StatusKind::Stale, Some(age)) => write!(
+                f,
+                " (last good sample {age} ms old; no longer used for shedding)"
+            ),
+            (StatusKind::Failed, None) => f.write_str(" (no sample yet; not used for shedding)"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Counters and last values of one endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointStats {
+    pub status: EndpointStatus,
+    /// Good samples.
+    pub samples: u64,
+    /// Failed polls.
+    pub scrape_failures: u64,
+    pub consecutive_failures: u32,
+    /// Times its last good sample expired (it stopped driving because of age).
+    pub stale_transitions: u64,
+    pub last_sample_ms: Option<u64>,
+    /// Smoothed ratios of the last good sample (demand is the ceiling in fallback).
+    pub demand_ratio: f64,
+    pub ceiling_ratio: f64,
+}
+
+/// What one good sample said (raw ratios are before smoothing).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    pub ceiling_bytes: f64,
+    /// `None` when the demand gauges are not configured or not in the body.
+    pub demand_bytes: Option<f64>,
+    pub ceiling_ratio: f64,
+    pub demand_ratio: Option<f64>,
+    /// The ratio this endpoint now contributes to the decision (smoothed, ceiling rule
+    /// applied).
+    pub decision_ratio: f64,
+}
+
+/// Why [`PressureTracker::on_sample`] took no sample.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SampleError {
+    /// The host passed an index outside the configured endpoints.
+    UnknownEndpoint(usize),
+    /// The body did not give the gauges (recorded as a failed poll).
+    Metrics(PromError),
+}
+
+impl fmt::Display for SampleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SampleError::UnknownEndpoint(i) => write!(f, "no memory metrics endpoint #{i}"),
+            SampleError::Metrics(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for SampleError {}
+
+#[derive(Debug, Clone)]
+struct Endpoint {
+    last_ok_ms: Option<u64>,
+    /// Set when the latest poll result is a failure.
+    failure: Option<FailureReason>,
+    demand: f64,
+    ceiling: f64,
+    fallback: bool,
+    kind: StatusKind,
+    reported: StatusKind,
+    samples: u64,
+    failures: u64,
+    consecutive_failures: u32,
+    expirations: u64,
+}
+
+impl Endpoint {
+    fn new() -> Self {
+        Endpoint {
+            last_ok_ms: None,
+            failure: None,
+            demand: 0.0,
+            ceiling: 0.0,
+            fallback: false,
+            kind: StatusKind::Pending,
+            reported: StatusKind::Pending,
+            samples: 0,
+            failures: 0,
+            consecutive_failures: 0,
+            expirations: 0,
+        }
+    }
+
+    fn age(&self, now_ms: u64) -> Option<u64> {
+        self.last_ok_ms.map(|t| now_ms.saturating_sub(t))
+    }
+
+    fn derive(&self, now_ms: u64, max_age_ms: u64, drop_on_failure: bool) -> StatusKind {
+        let young = self.age(now_ms).is_some_and(|age| age <= max_age_ms);
+        match (&self.failure, self.last_ok_ms) {
+            (None, None) => StatusKind::Pending,
+            (None, Some(_)) if young => StatusKind::Fresh,
+            (None, Some(_)) => StatusKind::Stale,
+            (Some(_), _) if young && !drop_on_failure => StatusKind::Failing,
+            (Some(_), _) => StatusKind::Failed,
+        }
+    }
+
+    fn status(&self) -> EndpointStatus {
+        match (self.kind, &self.failure) {
+            (StatusKind::Pending, _) => EndpointStatus::Pending,
+            (StatusKind::Fresh, _) => EndpointStatus::Fresh,
+            (StatusKind::Stale, _) => EndpointStatus::Stale,
+            (StatusKind::Failing, Some(r)) => EndpointStatus::Failing(r.clone()),
+            (StatusKind::Failed, Some(r)) => EndpointStatus::Failed(r.clone()),
+            (StatusKind::Failing | StatusKind::Failed, None) => {
+                EndpointStatus::Failed(FailureReason::CallFailed)
+            }
+        }
+    }
+
+    /// The ratio this endpoint contributes: demand, unless the ceiling has reached
+    /// `critical`.
+    fn decision(&self, critical: f64) -> f64 {
+        if self.ceiling >= critical {
+            self.demand.max(self.ceiling)
+        } else {
+            self.demand
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Tracker (the elected poller's side)
+// ---------------------------------------------------------------------------------
+
+/// Per-endpoint memory state on the polling worker; see the module docs.
+#[derive(Debug, Clone)]
+pub struct PressureTracker {
+    curve: Curve,
+    /// Bytes; infinite when unset, so that every ratio is 0.
+    limit: f64,
+    max_age_ms: u64,
+    fall_smoothing: f64,
+    drop_on_failure: bool,
+    /// `selectors[0]` is the ceiling, the rest the demand.
+    selectors: Vec<Selector>,
+    scratch: Vec<Result<f64, PromError>>,
+    endpoints: Vec<Endpoint>,
+    last: PressureSnapshot,
+}
+
+impl PressureTracker {
+    /// A tracker for a validated configuration. A gauge that does not parse as a
+    /// selector (only possible without validation) is looked up verbatim and so
+    /// reports "not found" on every poll instead of panicking.
+    pub fn new(cfg: &MemoryConfig) -> PressureTracker {
+        let parse =
+            |text: &String| Selector::parse(text).unwrap_or_else(|_| Selector::name_only(text));
+        let mut selectors = Vec::with_capacity(1 + cfg.demand_gauges.len());
+        selectors.push(parse(&cfg.gauge));
+        selectors.extend(cfg.demand_gauges.iter().map(parse));
+        let n = cfg.endpoints.len().min(MAX_ENDPOINTS);
+        PressureTracker {
+            curve: Curve::from_config(cfg),
+            limit: if cfg.memory_limit_bytes == 0 {
+                f64::INFINITY
+            } else {
+                cfg.memory_limit_bytes as f64
+            },
+            max_age_ms: cfg.max_sample_age_ms,
+            fall_smoothing: unit(cfg.fall_smoothing),
+            drop_on_failure: cfg.drop_on_failure,
+            scratch: Vec::with_capacity(selectors.len()),
+            selectors,
+            endpoints: vec![Endpoint::new(); n],
+            last: PressureSnapshot::idle(0, n),
+        }
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Feeds the body of a 200 response from endpoint `endpoint`.
+    ///
+    /// On a body that does not give the gauges, the poll is recorded as failed
+    /// ([`FailureReason::Metrics`]) and the error returned for the log. Demand gauges
+    /// missing from a complete body switch the endpoint to the ceiling alone; missing
+    /// from a truncated body, the poll fails (the missing part cannot be trusted).
+    pub fn on_sample(
+        &mut self,
+        endpoint: usize,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Reading, SampleError> {
+        if endpoint >= self.endpoints.len() {
+            return Err(SampleError::UnknownEndpoint(endpoint));
+        }
+        find_many(body, &self.selectors, &mut self.scratch);
+        let values = match self.read_values() {
+            Ok(values) => values,
+            Err(e) => {
+                self.on_failure(endpoint, FailureReason::Metrics(e.clone()), now_ms);
+                return Err(SampleError::Metrics(e));
+            }
+        };
+        let (ceiling_bytes, demand_bytes) = values;
+        let ceiling_ratio = ratio(ceiling_bytes, self.limit);
+        let demand_ratio = demand_bytes.map(|d| ratio(d, self.limit));
+        let fallback = demand_ratio.is_none();
+
+        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
+        let s = self.fall_smoothing;
+        let critical = self.curve.critical;
+        let ep = &mut self.endpoints[endpoint];
+        // Smooth only a continuous series; after a gap (or a change of mode) start over.
+        let continuous = ep.derive(now_ms, max_age, drop).drives() && ep.fallback == fallback;
+        let fall = |prev: f64, x: f64| {
+            if continuous && x < prev {
+                s * prev + (1.0 - s) * x
+            } else {
+                x
+            }
+        };
+        ep.demand = fall(ep.demand, demand_ratio.unwrap_or(ceiling_ratio));
+        ep.ceiling = fall(ep.ceiling, ceiling_ratio);
+        ep.fallback = fallback;
+        ep.last_ok_ms = Some(now_ms);
+        ep.failure = None;
+        ep.samples = ep.samples.saturating_add(1);
+        ep.consecutive_failures = 0;
+        ep.kind = ep.derive(now_ms, max_age, drop);
+        Ok(Reading {
+            ceiling_bytes,
+            demand_bytes,
+            ceiling_ratio,
+            demand_ratio,
+            decision_ratio: ep.decision(critical),
+        })
+    }
+
+    /// (ceiling, demand) from `scratch`, or why the poll must count as failed.
+    fn read_values(&self) -> Result<(f64, Option<f64>), PromError> {
+        let mut results = self.scratch.iter().zip(&self.selectors);
+        let Some((ceiling, sel)) = results.next() else {
+            return Err(PromError::NotFound {
+                metric: String::new(),
+            });
+        };
+        let ceiling = usable(ceiling, sel)?;
+        let mut demand = 0.0;
+        let mut any = false;
+        for (result, sel) in results {
+            match result {
+                Err(PromError::NotFound { .. }) => return Ok((ceiling, None)),
+                other => {
+                    demand += usable(other, sel)?;
+                    any = true;
+                }
+            }
+        }
+        Ok((ceiling, any.then_some(demand)))
+    }
+
+    /// Records a failed poll of `endpoint` (ignored for an unknown index).
+    pub fn on_failure(&mut self, endpoint: usize, reason: FailureReason, now_ms: u64) {
+        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
+        let Some(ep) = self.endpoints.get_mut(endpoint) else {
+            return;
+        };
+        // A sample that had expired before this failure counts as an expiry.
+        let before = ep.derive(now_ms, max_age, drop);
+        if ep.kind.drives() && !before.drives() {
+            ep.expirations = ep.expirations.saturating_add(1);
+        }
+        ep.failure = Some(reason);
+        ep.failures = ep.failures.saturating_add(1);
+        ep.consecutive_failures = ep.consecutive_failures.saturating_add(1);
+        ep.kind = ep.derive(now_ms, max_age, drop);
+    }
+
+    /// Moves endpoints whose sample has grown too old out of the decision.
+    fn refresh(&mut self, now_ms: u64) {
+        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
+        for ep in &mut self.endpoints {
+            let kind = ep.derive(now_ms, max_age, drop);
+            if kind != ep.kind {
+                if ep.kind.drives() && !kind.drives() {
+                    ep.expirations = ep.expirations.saturating_add(1);
+                }
+                ep.kind = kind;
+            }
+        }
+    }
+
+    /// The decision now, from the worst endpoint still driving; publish it.
+    pub fn snapshot(&mut self, now_ms: u64) -> PressureSnapshot {
+        self.refresh(now_ms);
+        let critical = self.curve.critical;
+        let mut worst: Option<(usize, f64)> = None;
+        let mut driving = 0usize;
+        let mut max_ceiling = 0.0f64;
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            if !ep.kind.drives() {
+                continue;
+            }
+            driving += 1;
+            max_ceiling = max_ceiling.max(ep.ceiling);
+            let r = ep.decision(critical);
+            if worst.is_none_or(|(_, w)| r > w) {
+                worst = Some((i, r));
+            }
+        }
+        let snap = match worst {
+            None => PressureSnapshot::idle(now_ms, self.endpoints.len()),
+            Some((i, r)) => {
+                let ep = &self.endpoints[i];
+                let mut flags = FLAG_ACTIVE;
+                if ep.ceiling >= critical && ep.ceiling > ep.demand {
+                    flags |= FLAG_CEILING;
+                }
+                if ep.fallback {
+                    flags |= FLAG_FALLBACK;
+                }
+                PressureSnapshot {
+                    flags,
+                    driving: clamp_u16(driving),
+                    endpoints: clamp_u16(self.endpoints.len()),
+                    worst: clamp_u16(i),
+                    ratio: r,
+                    ceiling_ratio: max_ceiling,
+                    p_sheddable: self.curve.sheddable(r),
+                    p_critical: self.curve.critical(r),
+                    limit_factor: self.curve.limit_factor(r),
+                    severity: self.curve.severity(r),
+                    sample_ms: ep.last_ok_ms.unwrap_or(0),
+                    computed_ms: now_ms,
+                }
+            }
+        };
+        self.last = snap;
+        snap
+    }
+
+    /// Each endpoint whose state changed since the last call, once, for the log.
+    pub fn take_transitions(&mut self, now_ms: u64) -> Vec<Transition> {
+        self.refresh(now_ms);
+        let mut out = Vec::new();
+        for (i, ep) in self.endpoints.iter_mut().enumerate() {
+            if ep.kind != ep.reported {
+                out.push(Transition {
+                    endpoint: i,
+                    from: ep.reported,
+                    to: ep.kind,
+                    reason: match ep.kind {
+                        StatusKind::Failing | StatusKind::Failed => ep.failure.clone(),
+                        _ => None,
+                    },
+                    sample_age_ms: ep.age(now_ms),
+                });
+                ep.reported = ep.kind;
+            }
+        }
+        out
+    }
+
+    /// State and counters of one endpoint (as of the last call that gave a time).
+    pub fn endpoint_stats(&self, endpoint: usize) -> Option<EndpointStats> {
+        let ep = self.endpoints.get(endpoint)?;
+        Some(EndpointStats {
+            status: ep.status(),
+            samples: ep.samples,
+            scrape_failures: ep.failures,
+            consecutive_failures: ep.consecutive_failures,
+            stale_transitions: ep.expirations,
+            last_sample_ms: ep.last_ok_ms,
+            demand_ratio: ep.demand,
+            ceiling_ratio: ep.ceiling,
+        })
+    }
+
+    /// Totals for metrics; ratios are those of the last [`snapshot`](Self::snapshot).
+    /// Counters are monotonic for the life of this tracker: export their increments.
+    pub fn stats(&self, now_ms: u64) -> PressureStats {
+        let sum = |f: fn(&Endpoint) -> u64| {
+            self.endpoints
+                .iter()
+                .fold(0u64, |acc, ep| acc.saturating_add(f(ep)))
+        };
+        PressureStats {
+            ratio: self.last.ratio,
+            ceiling_ratio: self.last.ceiling_ratio,
+            sample_age_ms: self.last.sample_age_ms(now_ms),
+            endpoints: self.endpoints.len(),
+            driving_endpoints: usize::from(self.last.driving),
+            samples: sum(|ep| ep.samples),
+            scrape_failures: sum(|ep| ep.failures),
+            stale_transitions: sum(|ep| ep.expirations),
+        }
+    }
+}
+
+/// `bytes / limit`, 0 for an unset limit.
+fn ratio(bytes: f64, limit: f64) -> f64 {
+    let r = bytes / limit;
+    if r.is_finite() {
+        r.max(0.0)
+    } else {
+        0.0
+    }
+}
+
+/// A value that can be a memory size: finite and not negative.
+fn usable(result: &Result<f64, PromError>, sel: &Selector) -> Result<f64, PromError> {
+    match result {
+        Ok(value) if value.is_finite() && *value >= 0.0 => Ok(*value),
+        Ok(value) => Err(PromError::InvalidValue {
+            metric: sel.as_str().to_string(),
+            value: *value,
+        }),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+fn clamp_u16(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+/// Memory figures for metrics (see [`PressureTracker::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PressureStats {
+    /// The decision ratio (0 when nothing drives).
+    pub ratio: f64,
+    /// The highest smoothed ceiling (RSS) ratio among driving endpoints.
+    pub ceiling_ratio: f64,
+    /// Age of the sample behind the decision.
+    pub sample_age_ms: Option<u64>,
+    pub endpoints: usize,
+    pub driving_endpoints: usize,
+    pub samples: u64,
+    pub scrape_failures: u64,
+    pub stale_transitions: u64,
+}
+
+/// Shed-by-memory decisions counted by a worker (the host keeps one for enforced
+/// decisions and one for shadow-mode "would have shed").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShedCounters {
+    pub sheddable: u64,
+    pub critical: u64,
+}
+
+impl ShedCounters {
+    pub fn record(&mut self, criticality: Criticality) {
+        match criticality {
+            Criticality::Sheddable => self.sheddable = self.sheddable.saturating_add(1),
+            Criticality::Critical => self.critical = self.critical.saturating_add(1),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.sheddable.saturating_add(self.critical)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Snapshot (every worker's side)
+// ---------------------------------------------------------------------------------
+
+/// Shared-data key of the published snapshot (fixed: shared-data keys never die).
+pub const SNAPSHOT_KEY: &str = "sessionguard.memory.v1";
+/// Encoded size of a [`PressureSnapshot`].
+pub const SNAPSHOT_LEN: usize = 88;
+const MAGIC: [u8; 4] = *b"SGMP";
+const VERSION: u8 = 1;
+const FLAG_ACTIVE: u8 = 1;
+const FLAG_CEILING: u8 = 2;
+const FLAG_FALLBACK: u8 = 4;
+const KNOWN_FLAGS: u8 = FLAG_ACTIVE | FLAG_CEILING | FLAG_FALLBACK;
+const NO_ENDPOINT: u16 = u16::MAX;
+
+/// The memory decision shared by all workers. Cheap to copy; see [`Self::encode`]
+/// for the layout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PressureSnapshot {
+    flags: u8,
+    driving: u16,
+    endpoints: u16,
+    worst: u16,
+    ratio: f64,
+    ceiling_ratio: f64,
+    p_sheddable: f64,
+    p_critical: f64,
+    limit_factor: f64,
+    severity: f64,
+    sample_ms: u64,
+    computed_ms: u64,
+}
+
+impl Default for PressureSnapshot {
+    fn default() -> Self {
+        PressureSnapshot::idle(0, 0)
+    }
+}
+
+/// Why a shared snapshot is not used (the caller then uses an idle one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// Nothing published yet.
+    Missing,
+    Length(usize),
+    Magic,
+    Version(u8),
+    Checksum,
+    /// A field out of its range (with a valid checksum: a bug, not noise).
+    Invalid(&'static str),
+    /// The poller has not published for longer than `max_sample_age_ms`.
+    Expired {
+        age_ms: u64,
+    },
+    /// Computed later than now by more than `max_sample_age_ms` (the clock stepped back).
+    FromTheFuture {
+        ahead_ms: u64,
+    },
+}
+
+impl fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("memory pressure snapshot ")?;
+        match self {
+            SnapshotError::Missing => f.write_str("not published yet"),
+            SnapshotError::Length(n) => {
+                write!(f, "has {n} bytes, expected {SNAPSHOT_LEN}")
+            }
+            SnapshotError::Magic => f.write_str("has a wrong magic number"),
+            SnapshotError::Version(v) => write!(f, "has unknown version {v}"),
+            SnapshotError::Checksum => f.write_str("fails its checksum"),
+            SnapshotError::Invalid(what) => write!(f, "is invalid: {what}"),
+            SnapshotError::Expired { age_ms } => write!(
+                f,
+                "is {age_ms} ms old: the memory poller is not publishing; memory shedding is off"
+            ),
+            SnapshotError::FromTheFuture { ahead_ms } => {
+                write!(
+                    f,
+                    "is {ahead_ms} ms in the future (clock stepped back); ignored"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for SnapshotError {}
+
+impl PressureSnapshot {
+    /// No pressure: nothing shed, limit untouched.
+    pub fn idle(computed_ms: u64, endpoints: usize) -> PressureSnapshot {
+        PressureSnapshot {
+            flags: 0,
+            driving: 0,
+            endpoints: clamp_u16(endpoints),
+            worst: NO_ENDPOINT,
+            ratio: 0.0,
+            ceiling_ratio: 0.0,
+            p_sheddable: 0.0,
+            p_critical: 0.0,
+            limit_factor: 1.0,
+            severity: 0.0,
+            sample_ms: 0,
+            computed_ms,
+        }
+    }
+
+    /// Shed this request? `uniform_random` is uniform in [0, 1). `Some(severity)`
+    /// (in [0, 1], for `Retry-After`) means shed, with reason "memory".
+    pub fn decide(&self, criticality: Criticality, uniform_random: f64) -> Option<f64> {
+        let p = self.shed_probability(criticality);
+        // NaN compares false: a broken random source never sheds.
+        (p > 0.0 && uniform_random < p).then_some(self.severity)
+    }
+
+    pub fn shed_probability(&self, criticality: Criticality) -> f64 {
+        match criticality {
+            Criticality::Sheddable => self.p_sheddable,
+            Criticality::Critical => self.p_critical,
+        }
+    }
+
+    /// Factor in (0, 1] the host applies to its concurrency limit.
+    pub fn limit_factor(&self) -> f64 {
+        self.limit_factor
+    }
+
+    /// The decision ratio (demand, or the ceiling at `critical`) of the worst endpoint.
+    pub fn ratio(&self) -> f64 {
+        self.ratio
+    }
+
+    /// The highest ceiling (RSS) ratio among driving endpoints.
+    pub fn ceiling_ratio(&self) -> f64 {
+        self.ceiling_ratio
+    }
+
+    pub fn severity(&self) -> f64 {
+        self.severity
+    }
+
+    /// Some endpoint drives the decision.
+    pub fn is_active(&self) -> bool {
+        self.flags & FLAG_ACTIVE != 0
+    }
+
+    /// The ceiling (RSS at `critical`) is what drives the decision.
+    pub fn ceiling_in_force(&self) -> bool {
+        self.flags & FLAG_CEILING != 0
+    }
+
+    /// The worst endpoint lacks the demand gauges: its ceiling decides alone.
+    pub fn demand_fallback(&self) -> bool {
+        self.flags & FLAG_FALLBACK != 0
+    }
+
+    pub fn driving_endpoints(&self) -> usize {
+        usize::from(self.driving)
+    }
+
+    pub fn endpoints(&self) -> usize {
+        usize::from(self.endpoints)
+    }
+
+    pub fn worst_endpoint(&self) -> Option<usize> {
+        (self.worst != NO_ENDPOINT).then_some(usize::from(self.worst))
+    }
+
+    /// When the sample behind the decision was received.
+    pub fn sample_ms(&self) -> Option<u64> {
+        self.is_active().then_some(self.sample_ms)
+    }
+
+    pub fn sample_age_ms(&self, now_ms: u64) -> Option<u64> {
+        self.sample_ms().map(|t| now_ms.saturating_sub(t))
+    }
+
+    /// When the poller computed it.
+    pub fn computed_ms(&self) -> u64 {
+        self.computed_ms
+    }
+
+    /// Little-endian, [`SNAPSHOT_LEN`] = 88 bytes:
+    ///
+    /// | offset | size | field |
+    /// |---|---|---|
+    /// | 0  | 4 | magic `SGMP` |
+    /// | 4  | 1 | version (1) |
+    /// | 5  | 1 | flags: 1 active, 2 ceiling in force, 4 demand fallback |
+    /// | 6  | 2 | driving endpoints (u16) |
+    /// | 8  | 2 | configured endpoints (u16) |
+    /// | 10 | 2 | worst endpoint index (u16, 0xFFFF = none) |
+    /// | 12 | 4 | reserved (0) |
+    /// | 16 | 8 | decision ratio (f64) |
+    /// | 24 | 8 | ceiling ratio (f64) |
+    /// | 32 | 8 | shed probability, sheddable (f64) |
+    /// | 40 | 8 | shed probability, critical (f64) |
+    /// | 48 | 8 | limit factor (f64) |
+    /// | 56 | 8 | severity (f64) |
+    /// | 64 | 8 | sample time, ms (u64) |
+    /// | 72 | 8 | computed time, ms (u64) |
+    /// | 80 | 4 | FNV-1a 32 of bytes 0..80 |
+    /// | 84 | 4 | reserved (0) |
+    pub fn encode(&self) -> [u8; SNAPSHOT_LEN] {
+        let mut b = [0u8; SNAPSHOT_LEN];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4] = VERSION;
+        b[5] = self.flags;
+        b[6..8].copy_from_slice(&self.driving.to_le_bytes());
+        b[8..10].copy_from_slice(&self.endpoints.to_le_bytes());
+        b[10..12].copy_from_slice(&self.worst.to_le_bytes());
+        let floats = [
+            self.ratio,
+            self.ceiling_ratio,
+            self.p_sheddable,
+            self.p_critical,
+            self.limit_factor,
+            self.severity,
+        ];
+        for (i, v) in floats.iter().enumerate() {
+            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        b[64..72].copy_from_slice(&self.sample_ms.to_le_bytes());
+        b[72..80].copy_from_slice(&self.computed_ms.to_le_bytes());
+        let sum = fnv1a(&b[..80]);
+        b[80..84].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    /// Reads an encoded snapshot; any garbage is an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<PressureSnapshot, SnapshotError> {
+        if bytes.is_empty() {
+            return Err(SnapshotError::Missing);
+        }
+        let b: &[u8; SNAPSHOT_LEN] = bytes
+            .try_into()
+            .map_err(|_| SnapshotError::Length(bytes.len()))?;
+        if b[0..4] != MAGIC {
+            return Err(SnapshotError::Magic);
+        }
+        if b[4] != VERSION {
+            return Err(SnapshotError::Version(b[4]));
+        }
+        if u32_at(b, 80) != fnv1a(&b[..80]) {
+            return Err(SnapshotError::Checksum);
+        }
+        let snap = PressureSnapshot {
+            flags: b[5],
+            driving: u16_at(b, 6),
+            endpoints: u16_at(b, 8),
+            worst: u16_at(b, 10),
+            ratio: f64_at(b, 16),
+            ceiling_ratio: f64_at(b, 24),
+            p_sheddable: f64_at(b, 32),
+            p_critical: f64_at(b, 40),
+            limit_factor: f64_at(b, 48),
+            severity: f64_at(b, 56),
+            sample_ms: u64_at(b, 64),
+            computed_ms: u64_at(b, 72),
+        };
+        snap.check()?;
+        Ok(snap)
+    }
+
+    fn check(&self) -> Result<(), SnapshotError> {
+        let prob = |v: f64| (0.0..=1.0).contains(&v);
+        let ratio = |v: f64| v.is_finite() && v >= 0.0;
+        if self.flags & !KNOWN_FLAGS != 0 {
+            return Err(SnapshotError::Invalid("unknown flags"));
+        }
+        if !ratio(self.ratio) || !ratio(self.ceiling_ratio) {
+            return Err(SnapshotError::Invalid("ratio out of range"));
+        }
+        if !prob(self.p_sheddable) || !prob(self.p_critical) || !prob(self.severity) {
+            return Err(SnapshotError::Invalid("probability out of [0, 1]"));
+        }
+        if !(self.limit_factor > 0.0 && self.limit_factor <= 1.0) {
+            return Err(SnapshotError::Invalid("limit factor out of (0, 1]"));
+        }
+        if self.driving > self.endpoints {
+            return Err(SnapshotError::Invalid(
+                "more driving endpoints than endpoints",
+            ));
+        }
+        if !self.is_active()
+            && (self.p_sheddable > 0.0 || self.p_critical > 0.0 || self.limit_factor < 1.0)
+        {
+            return Err(SnapshotError::Invalid("inactive snapshot that sheds"));
+        }
+        Ok(())
+    }
+
+    /// `self` if it was computed within `max_age_ms` of `now_ms`.
+    pub fn check_current(
+        self,
+        now_ms: u64,
+        max_age_ms: u64,
+    ) -> Result<PressureSnapshot, SnapshotError> {
+        if self.computed_ms > now_ms {
+            let ahead_ms = self.computed_ms - now_ms;
+            if ahead_ms > max_age_ms {
+                return Err(SnapshotError::FromTheFuture { ahead_ms });
+            }
+            return Ok(self);
+        }
+        let age_ms = now_ms - self.computed_ms;
+        if age_ms > max_age_ms {
+            return Err(SnapshotError::Expired { age_ms });
+        }
+        Ok(self)
+    }
+}
+
+fn u16_at(b: &[u8; SNAPSHOT_LEN], at: usize) -> u16 {
+    let mut x = [0u8; 2];
+    if let Some(s) = b.get(at..at + 2) {
+        x.copy_from_slice(s);
+    }
+    u16::from_le_bytes(x)
+}
+
+fn u32_at(b: &[u8; SNAPSHOT_LEN], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        x.copy_from_slice(s);
+    }
+    u32::from_le_bytes(x)
+}
+
+fn u64_at(b: &[u8; SNAPSHOT_LEN], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    if let Some(s) = b.get(at..at + 8) {
+        x.copy_from_slice(s);
+    }
+    u64::from_le_bytes(x)
+}
+
+fn f64_at(b: &[u8; SNAPSHOT_LEN], at: usize) -> f64 {
+    f64::from_bits(u64_at(b, at))
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Publishes `snap` under [`SNAPSHOT_KEY`], unless the stored one is newer (another
+/// poller got there first) by no more than `max_age_ms`. A newer one beyond that
+/// (clock stepped back) or an unreadable one is overwritten. `Ok(true)` if written.
+pub fn publish<S: SharedStore + ?Sized>(
+    store: &S,
+    snap: &PressureSnapshot,
+    max_age_ms: u64,
+    max_attempts: u32,
+) -> Result<bool, UpdateError> {
+    let written = update(store, SNAPSHOT_KEY, max_attempts, |current| {
+        if let Some(existing) = current.and_then(|b| PressureSnapshot::decode(b).ok()) {
+            let ahead = existing.computed_ms.saturating_sub(snap.computed_ms);
+            if ahead > 0 && ahead <= max_age_ms {
+                return None;
+            }
+        }
+        Some((snap.encode().to_vec(), ()))
+    })?;
+    Ok(written.is_some())
+}
+
+/// Reads the published snapshot. On `Err` the caller uses
+/// [`PressureSnapshot::default`] (no pressure) and may log the error once.
+pub fn load<S: SharedStore + ?Sized>(
+    store: &S,
+    now_ms: u64,
+    max_age_ms: u64,
+) -> Result<PressureSnapshot, SnapshotError> {
+    let (bytes, _cas) = store.get(SNAPSHOT_KEY).ok_or(SnapshotError::Missing)?;
+    PressureSnapshot::decode(&bytes)?.check_current(now_ms, max_age_ms)
+}
+
+// ---------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::shared::MemStore;
+
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const MI: f64 = 1024.0 * 1024.0;
+    const LIMIT: u64 = 400 * 1024 * 1024;
+    const S: Criticality = Criticality::Sheddable;
+    const C: Criticality = Criticality::Critical;
+
+    fn cfg() -> MemoryConfig {
+        MemoryConfig {
+            enabled: true,
+            memory_limit_bytes: LIMIT,
+            ..MemoryConfig::default()
+        }
+    }
+
+    fn cfg_endpoints(n: usize) -> MemoryConfig {
+        MemoryConfig {
+            endpoints: vec![MetricsEndpoint::default(); n],
+            ..cfg()
+        }
+    }
+
+    /// A Kask /metrics body (client_golang layout) with the given ratios of the limit.
+    fn kask(rss: f64, heap: f64, stack: f64) -> String {
+        let b = |r: f64| format!("{:e}", (r * LIMIT as f64).round());
+        format!(
+            "# HELP go_goroutines Number of goroutines that currently exist.\n\
+             # TYPE go_goroutines gauge\n\
+             go_goroutines 5023\n\
+             # HELP go_memstats_heap_idle_bytes Number of heap bytes waiting to be used.\n\
+             # TYPE go_memstats_heap_idle_bytes gauge\n\
+             go_memstats_heap_idle_bytes 1.2124160e+07\n\
+             # HELP go_memstats_heap_inuse_bytes Number of heap bytes that are in use.\n\
+             # TYPE go_memstats_heap_inuse_bytes gauge\n\
+             go_memstats_heap_inuse_bytes {}\n\
+             # HELP go_memstats_stack_inuse_bytes Number of bytes in use by the stack allocator.\n\
+             # TYPE go_memstats_stack_inuse_bytes gauge\n\
+             go_memstats_stack_inuse_bytes {}\n\
+             http_request_duration_seconds_bucket{{code=\"404\",method=\"GET\",le=\"+Inf\"}} 570123\n\
+             # HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\n\
+             process_resident_memory_bytes {}\n\
+             process_virtual_memory_bytes 1.2345e+07\n",
+            b(heap),
+            b(stack),
+            b(rss)
+        )
+    }
+
+    /// Demand `d` (split 60/40 between heap and stack), RSS `rss`.
+    fn body(d: f64, rss: f64) -> Vec<u8> {
+        kask(rss, d * 0.6, d * 0.4).into_bytes()
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6
+    }
+
+    // ---- configuration ----
+
+    #[test]
+    fn defaults_validate_and_parse() {
+        MemoryConfig::default().validate("memory").unwrap();
+        cfg().validate("memory").unwrap();
+        let c = Config::parse(
+            br#"{"memory": {"enabled": true, "memory_limit_bytes": 419430400,
+                "demand_gauges": [], "gauge": "container_memory_working_set_bytes{container=\"kask\"}",
+                "critical_max_shed": 0.3, "min_limit_factor": 0.25, "fall_smoothing": 0,
+                "drop_on_failure": true}}"#,
+        )
+        .unwrap();
+        assert!(c.memory.demand_gauges.is_empty());
+        assert!(c.memory.drop_on_failure);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let err = |json: &str| Config::parse(json.as_bytes()).unwrap_err();
+        let cases = [
+            (r#"{"memory": {"bogus": 1}}"#, "memory.bogus"),
+            (
+                r#"{"memory": {"enabled": true}}"#,
+                "memory.memory_limit_bytes",
+            ),
+            (
+                r#"{"memory": {"memory_limit_bytes": 400}}"#,
+                "memory.memory_limit_bytes",
+            ),
+            (r#"{"memory": {"gauge": "rss bytes"}}"#, "memory.gauge"),
+            (
+                r#"{"memory": {"demand_gauges": ["a", "b{x=1}"]}}"#,
+                "memory.demand_gauges[1]",
+            ),
+            (
+                r#"{"memory": {"demand_gauges": ["a", "a"]}}"#,
+                "memory.demand_gauges[1]",
+            ),
+            (
+                r#"{"memory": {"demand_gauges": ["a","b","c","d","e","f","g","h","i"]}}"#,
+                "memory.demand_gauges",
+            ),
+            (
+                r#"{"memory": {"endpoints": [{}, {"path": "metrics"}]}}"#,
+                "memory.endpoints[1].path",
+            ),
+            (
+                r#"{"memory": {"endpoints": [{"cluster": ""}]}}"#,
+                "memory.endpoints[0].cluster",
+            ),
+            (r#"{"memory": {"hard": 0.5}}"#, "memory.hard"),
+            (
+                r#"{"memory": {"critical_max_shed": 1.5}}"#,
+                "memory.critical_max_shed",
+            ),
+            (
+                r#"{"memory": {"min_limit_factor": 0}}"#,
+                "memory.min_limit_factor",
+            ),
+            (
+                r#"{"memory": {"fall_smoothing": 1}}"#,
+                "memory.fall_smoothing",
+            ),
+        ];
+        for (json, field) in cases {
+            let e = err(json);
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+        let e = err(r#"{"memory": {"gauge": "a{x=1}"}}"#);
+        assert!(e.message.contains("quoted"), "{e}");
+    }
+
+    // ---- the curve ----
+
+    #[test]
+    fn curve_shape() {
+        let c = Curve::from_config(&cfg());
+        // Sheddable: 0 at soft, x² in the band, 1 from hard.
+        assert_eq!(c.sheddable(0.0), 0.0);
+        assert_eq!(c.sheddable(0.70), 0.0);
+        assert!(close(c.sheddable(0.775), 0.25));
+        assert!(close(c.sheddable(0.70 + 0.15 * 0.9), 0.81));
+        assert_eq!(c.sheddable(0.85), 1.0);
+        assert_eq!(c.sheddable(3.0), 1.0);
+        assert_eq!(c.sheddable(f64::NAN), 0.0);
+        let mut prev = 0.0;
+        for i in 0..=1000 {
+            let p = c.sheddable(f64::from(i) / 1000.0);
+            assert!(p >= prev && (0.0..=1.0).contains(&p));
+            prev = p;
+        }
+        // Limit factor: 1 up to hard, linear to min at critical.
+        assert_eq!(c.limit_factor(0.85), 1.0);
+        assert!(close(c.limit_factor(0.90), 0.75));
+        assert_eq!(c.limit_factor(0.95), 0.5);
+        assert_eq!(c.limit_factor(1.5), 0.5);
+        // Critical: 0 below critical, linear to the cap at the limit.
+        assert_eq!(c.critical(0.94), 0.0);
+        assert_eq!(c.critical(0.95), 0.0);
+        assert!(close(c.critical(0.975), 0.25));
+        assert_eq!(c.critical(1.0), 0.5);
+        assert_eq!(c.critical(1.2), 0.5);
+        // Severity: 0 at soft, 1 at critical.
+        assert_eq!(c.severity(0.70), 0.0);
+        assert!(close(c.severity(0.825), 0.5));
+        assert_eq!(c.severity(0.95), 1.0);
+    }
+
+    #[test]
+    fn degenerate_thresholds_do_not_divide_by_zero() {
+        let c = Curve {
+            soft: 0.8,
+            hard: 0.8,
+            critical: 0.8,
+            critical_max_shed: 1.0,
+            min_limit_factor: 0.1,
+        };
+        for r in [0.0, 0.79, 0.8, 0.81, 2.0, f64::INFINITY] {
+            for v in [
+                c.sheddable(r),
+                c.critical(r),
+                c.limit_factor(r),
+                c.severity(r),
+            ] {
+                assert!(v.is_finite() && (0.0..=1.0).contains(&v), "{r}: {v}");
+            }
+        }
+        let c = Curve { critical: 1.2, ..c };
+        assert_eq!(c.critical(1.1), 0.0);
+        assert_eq!(c.critical(1.2), 1.0);
+    }
+
+    // ---- thresholds through the tracker ----
+
+    #[test]
+    fn thresholds_and_decisions() {
+        // (demand, rss, p sheddable, p critical, limit factor)
+        let cases = [
+            (0.50, 0.52, 0.0, 0.0, 1.0),
+            (0.775, 0.80, 0.25, 0.0, 1.0),
+            (0.86, 0.88, 1.0, 0.0, 0.95),
+            (0.97, 0.97, 1.0, 0.2, 0.5),
+        ];
+        for (d, rss, ps, pc, lf) in cases {
+            let mut t = PressureTracker::new(&cfg());
+            t.on_sample(0, &body(d, rss), 1000).unwrap();
+            let s = t.snapshot(1000);
+            assert!(s.is_active());
+            assert!(close(s.shed_probability(S), ps), "{d}: {s:?}");
+            assert!(close(s.shed_probability(C), pc), "{d}: {s:?}");
+            assert!(close(s.limit_factor(), lf), "{d}: {s:?}");
+        }
+        // decide: u < p sheds, with the severity.
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(0.775, 0.8), 0).unwrap();
+        let s = t.snapshot(0);
+        assert_eq!(s.decide(S, 0.24), Some(s.severity()));
+        assert!(s.severity() > 0.0 && s.severity() < 1.0);
+        assert_eq!(s.decide(S, 0.26), None);
+        assert_eq!(s.decide(C, 0.0), None);
+        assert_eq!(s.decide(S, f64::NAN), None);
+    }
+
+    #[test]
+    fn critical_is_shed_only_above_critical_and_up_to_the_cap() {
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(0.90, 0.92), 0).unwrap();
+        let s = t.snapshot(0);
+        assert_eq!(s.decide(S, 0.999), Some(s.severity()));
+        assert_eq!(s.decide(C, 0.0), None);
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(1.1, 1.15), 0).unwrap();
+        let s = t.snapshot(0);
+        assert_eq!(s.shed_probability(C), 0.5);
+        assert_eq!(s.decide(C, 0.49), Some(1.0));
+        assert_eq!(s.decide(C, 0.51), None);
+    }
+
+    #[test]
+    fn rss_above_critical_is_a_hard_ceiling() {
+        // Demand low (the gauges miss memory, e.g. cgo), RSS at 97% of the limit.
+        let mut t = PressureTracker::new(&cfg());
+        let r = t.on_sample(0, &body(0.30, 0.97), 0).unwrap();
+        assert!(close(r.decision_ratio, 0.97));
+        let s = t.snapshot(0);
+        assert!(s.ceiling_in_force());
+        assert_eq!(s.shed_probability(S), 1.0);
+        assert!(close(s.shed_probability(C), 0.5 * 0.02 / 0.05));
+        assert_eq!(s.limit_factor(), 0.5);
+        // RSS high but below critical, demand low: nothing is shed.
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(0.30, 0.93), 0).unwrap();
+        let s = t.snapshot(0);
+        assert!(!s.ceiling_in_force());
+        assert_eq!(s.shed_probability(S), 0.0);
+        assert_eq!(s.limit_factor(), 1.0);
+        assert!(close(s.ceiling_ratio(), 0.93));
+        assert!(close(s.ratio(), 0.30));
+    }
+
+    // ---- the end of a surge ----
+
+    #[test]
+    fn end_of_surge_stops_shedding_within_two_samples() {
+        let mut t = PressureTracker::new(&cfg());
+        let mut now = 0;
+        let mut poll = |t: &mut PressureTracker, d: f64, rss: f64| {
+            now += 1000;
+            t.on_sample(0, &body(d, rss), now).unwrap();
+            t.snapshot(now)
+        };
+        // Surge: demand climbs past hard; RSS follows it up.
+        for (d, rss) in [(0.3, 0.35), (0.6, 0.66), (0.8, 0.86), (0.9, 0.93)] {
+            poll(&mut t, d, rss);
+        }
+        let s = poll(&mut t, 0.88, 0.93);
+        assert_eq!(s.shed_probability(S), 1.0);
+        // Load back to normal: goroutines exit, heap-in-use falls; RSS stays near peak.
+        let after: Vec<f64> = [(0.20, 0.93), (0.20, 0.93), (0.19, 0.92), (0.2, 0.92)]
+            .iter()
+            .map(|&(d, rss)| poll(&mut t, d, rss).shed_probability(S))
+            .collect();
+        assert_eq!(after[0], 0.0, "{after:?}");
+        assert!(after.iter().all(|&p| p == 0.0), "{after:?}");
+        // Even from far above the limit it takes at most two samples.
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(1.2, 0.94), 0).unwrap();
+        t.on_sample(0, &body(0.2, 0.94), 1000).unwrap();
+        t.on_sample(0, &body(0.2, 0.94), 2000).unwrap();
+        assert_eq!(t.snapshot(2000).shed_probability(S), 0.0);
+    }
+
+    #[test]
+    fn rss_alone_keeps_shedding_after_the_surge() {
+        // The contrast the design is about: with the ceiling as the only signal,
+        // retained RSS keeps shedding although the demand is gone.
+        let mut t = PressureTracker::new(&MemoryConfig {
+            demand_gauges: Vec::new(),
+            ..cfg()
+        });
+        t.on_sample(0, &body(0.9, 0.93), 0).unwrap();
+        for i in 1..=10 {
+            t.on_sample(0, &body(0.2, 0.93), i * 1000).unwrap();
+        }
+        let s = t.snapshot(10_000);
+        assert!(s.demand_fallback());
+        assert_eq!(s.shed_probability(S), 1.0);
+    }
+
+    #[test]
+    fn rising_is_immediate_falling_is_smoothed() {
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(0.2, 0.3), 0).unwrap();
+        let r = t.on_sample(0, &body(0.9, 0.94), 1000).unwrap();
+        assert!(close(r.decision_ratio, 0.9));
+        let r = t.on_sample(0, &body(0.5, 0.94), 2000).unwrap();
+        assert!(close(r.decision_ratio, 0.7));
+        let r = t.on_sample(0, &body(0.5, 0.94), 3000).unwrap();
+        assert!(close(r.decision_ratio, 0.6));
+        // No smoothing configured: the sample is the value.
+        let mut t = PressureTracker::new(&MemoryConfig {
+            fall_smoothing: 0.0,
+            ..cfg()
+        });
+        t.on_sample(0, &body(0.9, 0.9), 0).unwrap();
+        let r = t.on_sample(0, &body(0.3, 0.9), 1000).unwrap();
+        assert!(close(r.decision_ratio, 0.3));
+    }
+
+    // ---- signals ----
+
+    #[test]
+    fn demand_is_heap_plus_stack_in_use() {
+        let mut t = PressureTracker::new(&cfg());
+        let r = t
+            .on_sample(0, crate::prom::tests::GO_METRICS.as_bytes(), 0)
+            .unwrap();
+        assert_eq!(r.ceiling_bytes, 1.82452224e8);
+        assert_eq!(r.demand_bytes, Some(9.8828288e7 + 6.5273856e7));
+        assert!(close(r.ceiling_ratio, 1.82452224e8 / LIMIT as f64));
+    }
+
+    #[test]
+    fn no_go_gauges_falls_back_to_the_ceiling() {
+        let mut t = PressureTracker::new(&cfg());
+        let r = t
+            .on_sample(0, crate::prom::tests::PYTHON_METRICS.as_bytes(), 0)
+            .unwrap();
+        assert_eq!(r.demand_bytes, None);
+        assert!(close(r.decision_ratio, 3.4029568e7 / LIMIT as f64));
+        assert!(t.snapshot(0).demand_fallback());
+    }
+
+    #[test]
+    fn missing_ceiling_or_bad_values_fail_the_poll() {
+        let mut t = PressureTracker::new(&cfg());
+        let e = t.on_sample(0, b"go_goroutines 3\n", 0).unwrap_err();
+        assert!(
+            matches!(e, SampleError::Metrics(PromError::NotFound { .. })),
+            "{e}"
+        );
+        assert!(matches!(
+            t.endpoint_stats(0).unwrap().status,
+            EndpointStatus::Failed(FailureReason::Metrics(PromError::NotFound { .. }))
+        ));
+        for bad in ["NaN", "+Inf", "-1"] {
+            let b = format!("process_resident_memory_bytes {bad}\n");
+            let e = t.on_sample(0, b.as_bytes(), 0).unwrap_err();
+            assert!(
+                matches!(e, SampleError::Metrics(PromError::InvalidValue { .. })),
+                "{e}"
+            );
+        }
+        let b = "process_resident_memory_bytes 1e8\ngo_memstats_heap_inuse_bytes NaN\ngo_memstats_stack_inuse_bytes 1\n";
+        assert!(t.on_sample(0, b.as_bytes(), 0).is_err());
+        assert_eq!(t.endpoint_stats(0).unwrap().scrape_failures, 5);
+        assert_eq!(t.on_sample(7, b"", 0), Err(SampleError::UnknownEndpoint(7)));
+        assert!(!t.snapshot(0).is_active());
+    }
+
+    #[test]
+    fn truncated_body_without_demand_fails_rather_than_falls_back() {
+        let full = body(0.3, 0.93);
+        // Cut inside the stack gauge's line: RSS comes later in the body, so cut
+        // after moving RSS to the top.
+        let text = String::from_utf8(full).unwrap();
+        let moved = format!(
+            "process_resident_memory_bytes 3.9e8\n{}",
+            text.replace("process_resident_memory_bytes", "x_process_resident")
+        );
+        let cut = moved.find("\ngo_memstats_stack_inuse_bytes ").unwrap() + 1 + 33;
+        let mut t = PressureTracker::new(&cfg());
+        let e = t.on_sample(0, &moved.as_bytes()[..cut], 0).unwrap_err();
+        assert!(
+            matches!(e, SampleError::Metrics(PromError::Truncated { .. })),
+            "{e}"
+        );
+        assert!(!t.snapshot(0).is_active());
+    }
+
+    // ---- staleness, failures, recovery ----
+
+    #[test]
+    fn an_old_sample_stops_driving_and_a_new_one_resumes() {
+        let mut t = PressureTracker::new(&cfg());
+        assert_eq!(t.take_transitions(0), vec![]);
+        t.on_sample(0, &body(0.9, 0.92), 1000).unwrap();
+        let tr = t.take_transitions(1000);
+        assert_eq!(
+            (tr[0].from, tr[0].to),
+            (StatusKind::Pending, StatusKind::Fresh)
+        );
+        assert!(t.snapshot(6000).is_active()); // exactly max_sample_age_ms old
+        assert_eq!(t.snapshot(6000).sample_age_ms(6000), Some(5000));
+        let s = t.snapshot(6001);
+        assert!(!s.is_active());
+        assert_eq!(s.decide(S, 0.0), None);
+        assert_eq!(s.limit_factor(), 1.0);
+        let tr = t.take_transitions(6001);
+        assert_eq!(tr.len(), 1);
+        assert_eq!(
+            (tr[0].from, tr[0].to),
+            (StatusKind::Fresh, StatusKind::Stale)
+        );
+        assert!(tr[0].to_string().contains("no longer used"), "{}", tr[0]);
+        // Reported once.
+        assert_eq!(t.take_transitions(9000), vec![]);
+        assert_eq!(t.stats(9000).stale_transitions, 1);
+        // Recovery: the next good sample drives again, without smoothing from the gap.
+        let r = t.on_sample(0, &body(0.5, 0.9), 10_000).unwrap();
+        assert!(close(r.decision_ratio, 0.5));
+        let tr = t.take_transitions(10_000);
+        assert_eq!(
+            (tr[0].from, tr[0].to),
+            (StatusKind::Stale, StatusKind::Fresh)
+        );
+        assert!(t.snapshot(10_000).is_active());
+    }
+
+    #[test]
+    fn failures_hold_the_last_sample_until_it_is_too_old() {
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(0.9, 0.92), 0).unwrap();
+        t.take_transitions(0);
+        t.on_failure(0, FailureReason::Timeout, 1000);
+        t.on_failure(0, FailureReason::HttpStatus(503), 2000);
+        let st = t.endpoint_stats(0).unwrap();
+        assert_eq!(
+            st.status,
+            EndpointStatus::Failing(FailureReason::HttpStatus(503))
+        );
+        assert_eq!(st.consecutive_failures, 2);
+        let tr = t.take_transitions(2000);
+        assert_eq!(tr.len(), 1);
+        assert_eq!(tr[0].to, StatusKind::Failing);
+        assert!(tr[0].to_string().contains("HTTP 503"), "{}", tr[0]);
+        assert_eq!(t.snapshot(5000).shed_probability(S), 1.0);
+        // Past max_sample_age_ms: no longer drives.
+        t.on_failure(0, FailureReason::Timeout, 5500);
+        let s = t.snapshot(5001 + 1000);
+        assert!(!s.is_active());
+        let tr = t.take_transitions(6001);
+        assert_eq!(
+            (tr[0].from, tr[0].to),
+            (StatusKind::Failing, StatusKind::Failed)
+        );
+        let stats = t.stats(6001);
+        assert_eq!(stats.scrape_failures, 3);
+        assert_eq!(stats.stale_transitions, 1);
+        assert_eq!(stats.samples, 1);
+        // Recovery.
+        t.on_sample(0, &body(0.2, 0.9), 7000).unwrap();
+        assert_eq!(t.endpoint_stats(0).unwrap().status, EndpointStatus::Fresh);
+        assert_eq!(t.endpoint_stats(0).unwrap().consecutive_failures, 0);
+        assert!(t.snapshot(7000).is_active());
+    }
+
+    #[test]
+    fn drop_on_failure_stops_driving_at_once() {
+        let mut t = PressureTracker::new(&MemoryConfig {
+            drop_on_failure: true,
+            ..cfg()
+        });
+        t.on_sample(0, &body(0.9, 0.92), 0).unwrap();
+        t.on_failure(0, FailureReason::CallFailed, 1000);
+        assert!(!t.snapshot(1000).is_active());
+        assert_eq!(
+            t.endpoint_stats(0).unwrap().status,
+            EndpointStatus::Failed(FailureReason::CallFailed)
+        );
+        // A failure is not an expiry.
+        assert_eq!(t.stats(1000).stale_transitions, 0);
+        t.on_sample(0, &body(0.9, 0.92), 2000).unwrap();
+        assert!(t.snapshot(2000).is_active());
+    }
+
+    #[test]
+    fn failure_before_any_sample() {
+        let mut t = PressureTracker::new(&cfg());
+        t.on_failure(0, FailureReason::CallFailed, 0);
+        t.on_failure(9, FailureReason::CallFailed, 0); // unknown: ignored
+        let tr = t.take_transitions(0);
+        assert_eq!(
+            (tr[0].from, tr[0].to),
+            (StatusKind::Pending, StatusKind::Failed)
+        );
+        assert!(tr[0].to_string().contains("no sample yet"), "{}", tr[0]);
+        assert!(!t.snapshot(0).is_active());
+    }
+
+    // ---- several endpoints ----
+
+    #[test]
+    fn the_worst_fresh_endpoint_drives() {
+        let mut t = PressureTracker::new(&cfg_endpoints(3));
+        t.on_sample(0, &body(0.5, 0.6), 0).unwrap();
+        t.on_sample(1, &body(0.8, 0.85), 0).unwrap();
+        t.on_sample(2, &body(0.75, 0.9), 3000).unwrap();
+        let s = t.snapshot(3000);
+        assert_eq!(s.worst_endpoint(), Some(1));
+        assert!(close(s.ratio(), 0.8));
+        assert!(close(s.ceiling_ratio(), 0.9));
+        assert_eq!((s.driving_endpoints(), s.endpoints()), (3, 3));
+        // Endpoint 1 goes stale: the next worst (still fresh) drives.
+        let s = t.snapshot(5500);
+        assert_eq!(s.worst_endpoint(), Some(2));
+        assert!(close(s.ratio(), 0.75));
+        assert_eq!(s.driving_endpoints(), 1);
+        assert_eq!(s.sample_age_ms(5500), Some(2500));
+        // An unknown endpoint changes nothing.
+        assert!(t.on_sample(3, &body(1.0, 1.0), 5500).is_err());
+        assert_eq!(t.snapshot(5500).worst_endpoint(), Some(2));
+    }
+
+    #[test]
+    fn unset_limit_never_sheds() {
+        let mut t = PressureTracker::new(&MemoryConfig::default());
+        t.on_sample(0, &body(0.99, 0.99), 0).unwrap();
+        let s = t.snapshot(0);
+        assert_eq!(s.shed_probability(S), 0.0);
+        assert_eq!(s.ratio(), 0.0);
+    }
+
+    #[test]
+    fn labelled_ceiling_selector() {
+        let mut t = PressureTracker::new(&MemoryConfig {
+            gauge: "container_memory_working_set_bytes{container=\"kask\"}".into(),
+            demand_gauges: Vec::new(),
+            ..cfg()
+        });
+        let b = format!(
+            "container_memory_working_set_bytes{{container=\"envoy\"}} 1e6\ncontainer_memory_working_set_bytes{{container=\"kask\"}} {}\n",
+            0.9 * LIMIT as f64
+        );
+        let r = t.on_sample(0, b.as_bytes(), 0).unwrap();
+        assert!(close(r.ceiling_ratio, 0.9));
+        assert!(r.ceiling_bytes > 300.0 * MI);
+    }
+
+    // ---- snapshot ----
+
+    fn busy_snapshot() -> PressureSnapshot {
+        let mut t = PressureTracker::new(&cfg_endpoints(2));
+        t.on_sample(1, &body(0.3, 0.97), 1234).unwrap();
+        t.snapshot(1500)
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        for s in [
+            busy_snapshot(),
+            PressureSnapshot::idle(99, 3),
+            PressureSnapshot::default(),
+        ] {
+            let bytes = s.encode();
+            assert_eq!(bytes.len(), SNAPSHOT_LEN);
+            assert_eq!(PressureSnapshot::decode(&bytes), Ok(s));
+        }
+        let s = busy_snapshot();
+        assert!(s.ceiling_in_force());
+        assert_eq!(s.worst_endpoint(), Some(1));
+        assert_eq!(s.sample_ms(), Some(1234));
+        assert_eq!(s.computed_ms(), 1500);
+        assert_eq!(&s.encode()[0..4], b"SGMP");
+    }
+
+    #[test]
+    fn snapshot_garbage_is_rejected() {
+        let good = busy_snapshot().encode();
+        assert_eq!(PressureSnapshot::decode(&[]), Err(SnapshotError::Missing));
+        assert_eq!(
+            PressureSnapshot::decode(&good[..87]),
+            Err(SnapshotError::Length(87))
+        );
+        let mut long = good.to_vec();
+        long.push(0);
+        assert_eq!(
+            PressureSnapshot::decode(&long),
+            Err(SnapshotError::Length(89))
+        );
+        // Every single-bit flip is caught (magic, version or checksum), except in
+        // the trailing reserved word.
+        for i in 0..84 {
+            for bit in 0..8 {
+                let mut b = good;
+                b[i] ^= 1 << bit;
+                assert!(PressureSnapshot::decode(&b).is_err(), "byte {i} bit {bit}");
+            }
+        }
+        let mut b = good;
+        b[4] = 2;
+        assert_eq!(PressureSnapshot::decode(&b), Err(SnapshotError::Version(2)));
+        // Out-of-range fields with a valid checksum.
+        let mut bad = busy_snapshot();
+        bad.p_sheddable = 1.5;
+        assert!(matches!(
+            PressureSnapshot::decode(&bad.encode()),
+            Err(SnapshotError::Invalid(_))
+        ));
+        let mut bad = busy_snapshot();
+        bad.limit_factor = 0.0;
+        assert!(PressureSnapshot::decode(&bad.encode()).is_err());
+        let mut bad = PressureSnapshot::idle(0, 1);
+        bad.p_critical = 0.5;
+        assert!(PressureSnapshot::decode(&bad.encode()).is_err());
+        let e = PressureSnapshot::decode(&[1, 2, 3]).unwrap_err();
+        assert!(e.to_string().starts_with("memory pressure snapshot"), "{e}");
+    }
+
+    #[test]
+    fn snapshot_expiry() {
+        let s = busy_snapshot(); // computed at 1500
+        assert_eq!(s.check_current(6500, 5000), Ok(s));
+        assert_eq!(
+            s.check_current(6501, 5000),
+            Err(SnapshotError::Expired { age_ms: 5001 })
+        );
+        assert_eq!(s.check_current(0, 5000), Ok(s));
+        let future = PressureSnapshot::idle(20_000, 1);
+        assert_eq!(
+            future.check_current(10_000, 5000),
+            Err(SnapshotError::FromTheFuture { ahead_ms: 10_000 })
+        );
+    }
+
+    #[test]
+    fn publish_and_load_through_shared_data() {
+        let store = MemStore::new();
+        assert_eq!(load(&store, 0, 5000), Err(SnapshotError::Missing));
+        let s = busy_snapshot(); // computed at 1500
+        assert_eq!(publish(&store, &s, 5000, 4), Ok(true));
+        assert_eq!(load(&store, 2000, 5000), Ok(s));
+        assert!(matches!(
+            load(&store, 10_000, 5000),
+            Err(SnapshotError::Expired { .. })
+        ));
+        // An older snapshot from a late poller does not overwrite a newer one...
+        let older = PressureSnapshot::idle(1000, 2);
+        assert_eq!(publish(&store, &older, 5000, 4), Ok(false));
+        assert_eq!(load(&store, 2000, 5000), Ok(s));
+        // ...unless the stored one is too far ahead (the clock stepped back).
+        let far = PressureSnapshot::idle(100_000, 2);
+        assert_eq!(publish(&store, &far, 5000, 4), Ok(true));
+        let after_step = PressureSnapshot::idle(2000, 2);
+        assert_eq!(publish(&store, &after_step, 5000, 4), Ok(true));
+        assert_eq!(load(&store, 2000, 5000), Ok(after_step));
+        // Garbage in the key is overwritten, and reported by load until then.
+        store.set(SNAPSHOT_KEY, b"garbage", None).unwrap();
+        assert_eq!(load(&store, 2000, 5000), Err(SnapshotError::Length(7)));
+        assert_eq!(publish(&store, &s, 5000, 4), Ok(true));
+        assert_eq!(load(&store, 2000, 5000), Ok(s));
+    }
+
+    #[test]
+    fn shed_counters() {
+        let mut c = ShedCounters::default();
+        let s = busy_snapshot();
+        for i in 0..100 {
+            let u = f64::from(i) / 100.0;
+            if s.decide(S, u).is_some() {
+                c.record(S);
+            }
+            if s.decide(C, u).is_some() {
+                c.record(C);
+            }
+        }
+        assert_eq!(c.sheddable, 100);
+        assert_eq!(c.critical, 20); // p_critical = 0.5 * 0.02 / 0.05
+        assert_eq!(c.total(), 120);
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> MemoryConfig {
+        MemoryConfig {
+            enabled: true,
+            memory_limit_bytes: 400 << 20,
+            endpoints: vec![MetricsEndpoint::default(); 2],
+            ..MemoryConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn decode_never_panics_and_accepted_snapshots_are_sane(
+            bytes in proptest::collection::vec(any::<u8>(), 0..128),
+            u in 0.0f64..1.0,
+        ) {
+            if let Ok(s) = PressureSnapshot::decode(&bytes) {
+                prop_assert!(s.limit_factor() > 0.0 && s.limit_factor() <= 1.0);
+                let _ = s.decide(Criticality::Sheddable, u);
+            }
+        }
+
+        #[test]
+        fn garbage_with_a_valid_frame_never_panics(
+            mut body in proptest::array::uniform32(any::<u64>()),
+        ) {
+            let mut b = [0u8; SNAPSHOT_LEN];
+            for (i, w) in body.iter_mut().enumerate().take(SNAPSHOT_LEN / 8) {
+                b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            b[0..4].copy_from_slice(&MAGIC);
+            b[4] = VERSION;
+            let sum = fnv1a(&b[..80]);
+            b[80..84].copy_from_slice(&sum.to_le_bytes());
+            if let Ok(s) = PressureSnapshot::decode(&b) {
+                prop_assert!((0.0..=1.0).contains(&s.shed_probability(Criticality::Critical)));
+                prop_assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
+            }
+        }
+
+        #[test]
+        fn tracker_never_panics(
+            steps in proptest::collection::vec(
+                (0usize..4, proptest::collection::vec(any::<u8>(), 0..256), any::<u64>(), any::<bool>()),
+                0..32,
+            )
+        ) {
+            let mut t = PressureTracker::new(&cfg());
+            for (idx, bytes, now, fail) in steps {
+                if fail {
+                    t.on_failure(idx, FailureReason::Timeout, now);
+                } else {
+                    let _ = t.on_sample(idx, &bytes, now);
+                }
+                let s = t.snapshot(now);
+                prop_assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
+                let _ = t.take_transitions(now);
+                let _ = t.stats(now);
+            }
+        }
+
+        #[test]
+        fn snapshot_is_always_decodable(
+            values in proptest::collection::vec((0.0f64..3.0, 0.0f64..3.0), 1..10),
+        ) {
+            let mut t = PressureTracker::new(&cfg());
+            for (i, (d, rss)) in values.into_iter().enumerate() {
+                let limit = (400u64 << 20) as f64;
+                let body = format!(
+                    "process_resident_memory_bytes {}\ngo_memstats_heap_inuse_bytes {}\ngo_memstats_stack_inuse_bytes 0\n",
+                    rss * limit, d * limit
+                );
+                let now = i as u64 * 1000;
+                t.on_sample(i % 2, body.as_bytes(), now).unwrap();
+                let s = t.snapshot(now);
+                prop_assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
+                prop_assert!(s.shed_probability(Criticality::Critical) <= s.shed_probability(Criticality::Sheddable));
+            }
+        }
     }
 }

@@ -20,7 +20,6 @@ pub const CAS_MISMATCH: u32 = 8;
 /// `proxy_log` levels.
 #[derive(Debug, Clone, Copy)]
 pub enum Level {
-    Debug = 1,
     Info = 2,
     Warn = 3,
     Error = 4,
@@ -97,6 +96,8 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_http_call(
         upstream_data: *const u8,
@@ -137,12 +138,12 @@ pub fn log(level: Level, message: &str) {
     let _ = unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) };
 }
 
-/// Host wall-clock time in milliseconds since the epoch (0 if the host refuses).
-pub fn now_ms() -> u64 {
+/// Host wall-clock time in nanoseconds since the epoch (0 if the host refuses).
+pub fn now_ns() -> u64 {
     let mut nanos: u64 = 0;
     let code = unsafe { proxy_get_current_time_nanoseconds(&mut nanos) };
     if code == OK {
-        nanos / 1_000_000
+        nanos
     } else {
         0
     }
@@ -255,6 +256,16 @@ pub fn increment_metric(id: u32, offset: i64) -> Result<(), HostStatus> {
 
 pub fn record_metric(id: u32, value: u64) -> Result<(), HostStatus> {
     status(unsafe { proxy_record_metric(id, value) })
+}
+
+/// Makes the following calls act on another context of this VM (e.g. a paused request).
+pub fn set_effective_context(context_id: u32) -> Result<(), HostStatus> {
+    status(unsafe { proxy_set_effective_context(context_id) })
+}
+
+/// Resumes the current context's paused request.
+pub fn resume_request() -> Result<(), HostStatus> {
+    status(unsafe { proxy_continue_stream(0) })
 }
 
 /// Starts an HTTP call to an Envoy cluster; the answer arrives in `on_http_call_response`.

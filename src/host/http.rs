@@ -1,25 +1,178 @@
 //! Per-request context: classify, decide, and account for every ending.
+//!
+//! Order of decisions on a request: a cached 404 first (it costs the store nothing),
+//! then memory pressure, admission control and the concurrency limit (which takes a
+//! slot, so it comes last), then negative-cache invalidation for writes and
+//! single-flight for reads of unknown keys.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use crate::classify::{classify, Class};
-use crate::config::Config;
+use crate::admission::Decision;
+use crate::classify::{classify, Class, Criticality, Op};
+use crate::limiter::{Acquire, Completion, Ending, Permit};
+use crate::negcache::{Lookup, Mark, WriteTicket};
+use crate::reply::{self, Reply, ShedReason};
+use crate::singleflight::Join;
 
 use super::abi::{self, Headers};
-use super::metrics::Metrics;
+use super::store::HostStore;
+use super::worker::{Waiter, Worker};
 
+/// What a request did, kept until its end.
 pub struct Http {
-    config: Rc<Config>,
-    metrics: Rc<Metrics>,
+    id: u32,
+    worker: Rc<RefCell<Worker>>,
+    op: Op,
+    fp: Option<u64>,
+    lookup: Option<Lookup>,
+    /// A write or delete began invalidating its key; it must end it.
+    write: Option<WriteTicket>,
+    permit: Option<Permit>,
+    started_ns: u64,
+    rtt_ms: Option<f64>,
+    status: Option<u32>,
+    /// Answered at the proxy (shed, cached 404, a leader's 404): the store was not asked.
+    local: bool,
+    /// The first GET of a missing key with others paused behind it.
+    leader: bool,
+    /// The response was handled (write ended, cache filled, waiters answered).
+    responded: bool,
 }
 
 impl Http {
-    pub fn new(config: Rc<Config>, metrics: Rc<Metrics>) -> Self {
-        Self { config, metrics }
+    pub fn new(id: u32, worker: Rc<RefCell<Worker>>) -> Self {
+        Self {
+            id,
+            worker,
+            op: Op::Other,
+            fp: None,
+            lookup: None,
+            write: None,
+            permit: None,
+            started_ns: 0,
+            rtt_ms: None,
+            status: None,
+            local: false,
+            leader: false,
+            responded: false,
+        }
     }
+
+    fn send(&mut self, reply: &Reply, details: &str) {
+        let headers: Vec<(&str, &[u8])> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_bytes()))
+            .collect();
+        // If the host refuses, the request continues upstream: fail open.
+        if abi::send_local_response(reply.status, details, &headers, &reply.body).is_ok() {
+            self.local = true;
+        }
+    }
+
+    fn decide(&mut self, w: &mut Worker, crit: Criticality, now_ms: u64) -> Option<(ShedReason, f64)> {
+        let config = w.config.clone();
+        if config.memory.enabled {
+            let u = w.rng.next_f64();
+            if let Some(severity) = w.pressure.as_ref().and_then(|p| p.decide(crit, u)) {
+                if config.memory.enforce {
+                    return Some((ShedReason::Memory, severity));
+                }
+                w.counts.would_shed[ShedReason::Memory.index()] += 1;
+            }
+        }
+        let u = w.rng.next_f64();
+        match w.admission.decide(crit, u) {
+            Decision::Admit => {}
+            Decision::Reject { severity } => return Some((ShedReason::Admission, severity)),
+            Decision::ShadowReject => w.counts.would_shed[ShedReason::Admission.index()] += 1,
+        }
+        match w.limiter.try_acquire(&HostStore, crit, now_ms) {
+            Acquire::Admitted(permit) => self.permit = Some(permit),
+            Acquire::ShadowShed(permit) => {
+                self.permit = Some(permit);
+                w.counts.would_shed[ShedReason::Concurrency.index()] += 1;
+            }
+            Acquire::Shed { severity } => return Some((ShedReason::Concurrency, severity)),
+        }
+        None
+    }
+
+    /// Settles the response: ends the write, fills or marks the cache, wakes waiters.
+    /// Runs before the client sees the response, so that once a POST's 201 has been
+    /// received no GET can be answered from a 404 cached before it.
+    fn on_response(&mut self, w: &mut Worker, status: Option<u32>, now_ms: u64) {
+        if std::mem::replace(&mut self.responded, true) {
+            return;
+        }
+        let Some(fp) = self.fp else { return };
+        let store = HostStore;
+        let success = status.is_some_and(|s| (200..300).contains(&s));
+        match (self.op, self.write.take()) {
+            (Op::Write, Some(_)) => {
+                w.cache.end_write(&store, fp, success, now_ms);
+            }
+            (Op::Delete, Some(ticket)) => {
+                w.cache.end_delete(&store, fp, ticket, status == Some(204), now_ms);
+            }
+            (Op::Read, _) if !self.local => {
+                let Some(lookup) = self.lookup else { return };
+                let is_404 = status == Some(404) && is_store_problem();
+                if is_404 && w.config.negative_cache.enabled {
+                    w.cache.insert_missing(&store, fp, lookup.generation, now_ms);
+                } else if status == Some(200) {
+                    w.cache.mark_exists(&store, fp, &lookup, now_ms);
+                }
+                if self.leader {
+                    let ids = w.flights.complete(fp, self.id, is_404);
+                    wake(w, &ids, is_404, self.id);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A 404 from the store for a key is its `not_found` problem (application/json);
+/// anything else (a proxy's own 404) is not cached.
+fn is_store_problem() -> bool {
+    matches!(
+        abi::header(Headers::Response, "content-type"),
+        Ok(Some(v)) if v == b"application/json"
+    )
+}
+
+/// Answers (`found_missing`) or releases paused waiters, then returns the host's
+/// attention to the context `back_to`.
+pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
+    for id in ids {
+        let Some(waiter) = w.waiters.remove(id) else {
+            continue;
+        };
+        if abi::set_effective_context(*id).is_err() {
+            continue;
+        }
+        let answered = found_missing && {
+            let reply = reply::cached_not_found(&waiter.path);
+            let headers: Vec<(&str, &[u8])> = reply
+                .headers
+                .iter()
+                .map(|(k, v)| (*k, v.as_bytes()))
+                .collect();
+            abi::send_local_response(404, "sessionguard_coalesced", &headers, &reply.body).is_ok()
+        };
+        if answered {
+            w.counts.coalesced += 1;
+        } else {
+            let _ = abi::resume_request();
+        }
+        w.answered.insert(*id, answered);
+    }
+    let _ = abi::set_effective_context(back_to);
 }
 
 fn request_header(name: &str) -> Vec<u8> {
@@ -33,15 +186,166 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let now_ns = abi::now_ns();
+        let now_ms = now_ns / 1_000_000;
         let method = request_header(":method");
-        let path = request_header(":path");
+        let raw_path = request_header(":path");
+        let path = std::str::from_utf8(&raw_path).unwrap_or("");
+        let worker = self.worker.clone();
+        let mut w = worker.borrow_mut();
+        let config = w.config.clone();
         let request = classify(
             std::str::from_utf8(&method).unwrap_or(""),
-            std::str::from_utf8(&path).unwrap_or(""),
-            &self.config.base_uri,
+            path,
+            &config.base_uri,
         );
-        let class = Class::of(request.op, false);
-        self.metrics.requests[class.index()].inc();
+        self.op = request.op;
+        self.fp = request.key.as_deref().map(|k| w.cache.fingerprint(k));
+
+        let mut known = false;
+        if let (Op::Read, Some(fp)) = (self.op, self.fp) {
+            let lookup = w.cache.lookup(&HostStore, fp, now_ms);
+            self.lookup = Some(lookup);
+            match lookup.mark {
+                Mark::Missing if config.negative_cache.enabled => {
+                    if config.negative_cache.enforce {
+                        w.counts.requests[Class::ReadUnknown.index()] += 1;
+                        w.counts.cache_hits += 1;
+                        self.send(&reply::cached_not_found(path), "sessionguard_negative_cache");
+                        if self.local {
+                            return Action::Pause;
+                        }
+                    } else {
+                        w.counts.cache_would_hit += 1;
+                    }
+                }
+                Mark::Exists => known = true,
+                _ => {}
+            }
+        }
+
+        let class = Class::of(self.op, known);
+        w.counts.requests[class.index()] += 1;
+        let crit = config.priorities.of(class);
+        if let Some((reason, severity)) = self.decide(&mut w, crit, now_ms) {
+            let crit_index = usize::from(crit == Criticality::Sheddable);
+            w.counts.shed[reason.index()][crit_index] += 1;
+            let u = w.rng.next_f64();
+            let secs = config.retry_after.seconds(severity, u);
+            self.send(&reply::overloaded(reason, path, secs), "sessionguard_shed");
+            if self.local {
+                return Action::Pause;
+            }
+        }
+
+        if let Some(fp) = self.fp {
+            match self.op {
+                Op::Write | Op::Delete => {
+                    self.write = Some(w.cache.begin_write(&HostStore, fp, now_ms));
+                }
+                Op::Read
+                    if class == Class::ReadUnknown
+                        && config.negative_cache.enabled
+                        && config.negative_cache.enforce =>
+                {
+                    match w.flights.join(fp, self.id, now_ms) {
+                        Join::Leader => self.leader = true,
+                        Join::Wait => {
+                            w.waiters.insert(
+                                self.id,
+                                Waiter {
+                                    fp,
+                                    path: path.to_string(),
+                                },
+                            );
+                            return Action::Pause;
+                        }
+                        Join::Bypass => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.started_ns = now_ns;
         Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let worker = self.worker.clone();
+        let mut w = worker.borrow_mut();
+        if let Some(answered) = w.answered.remove(&self.id) {
+            // This request was paused behind a leader and has been woken.
+            self.local = answered;
+            self.started_ns = abi::now_ns();
+        }
+        if self.local {
+            return Action::Continue;
+        }
+        let now_ns = abi::now_ns();
+        self.status = abi::header(Headers::Response, ":status")
+            .ok()
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok());
+        if self.started_ns > 0 && now_ns >= self.started_ns {
+            self.rtt_ms = Some((now_ns - self.started_ns) as f64 / 1e6);
+        }
+        self.on_response(&mut w, self.status, now_ns / 1_000_000);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let worker = self.worker.clone();
+        let mut w = worker.borrow_mut();
+        let now_ms = abi::now_ns() / 1_000_000;
+        if let Some(answered) = w.answered.remove(&self.id) {
+            self.local = answered;
+        }
+        if let Some(waiter) = w.waiters.remove(&self.id) {
+            // The client left while paused behind a leader.
+            w.flights.cancel(waiter.fp, self.id);
+            self.local = true;
+        }
+        let ending = if self.local {
+            Ending::LocalReply
+        } else {
+            match self.status {
+                Some(status) => Ending::Response(status),
+                None => Ending::DownstreamReset,
+            }
+        };
+        // A stream that never got response headers still ends its write and frees its waiters.
+        self.on_response(&mut w, None, now_ms);
+        if self.leader && self.status.is_none() {
+            if let Some(fp) = self.fp {
+                let ids = w.flights.leader_gone(fp, self.id);
+                wake(&mut w, &ids, false, self.id);
+            }
+        }
+        if !self.local && self.permit.is_some() {
+            w.admission.record(ending);
+        }
+        if let Some(permit) = self.permit.take() {
+            let done = Completion {
+                rtt_ms: self.rtt_ms,
+                ending,
+            };
+            w.limiter.release(&HostStore, permit, done, now_ms);
+        }
+    }
+}
+
+impl Drop for Http {
+    /// Backstop: `on_log` runs for every stream Envoy knows about, but a permit must
+    /// never outlive its request whatever the host does.
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            if let Ok(mut w) = self.worker.try_borrow_mut() {
+                let done = Completion {
+                    rtt_ms: None,
+                    ending: Ending::DownstreamReset,
+                };
+                w.limiter.release(&HostStore, permit, done, abi::now_ns() / 1_000_000);
+            }
+        }
     }
 }

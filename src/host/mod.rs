@@ -5,6 +5,7 @@ mod http;
 mod metrics;
 mod root;
 mod store;
+mod worker;
 
 use proxy_wasm::traits::RootContext;
 
@@ -13,5 +14,5 @@ proxy_wasm::main! {{
         // panic = "abort": this line is all the operator will see before the VM dies.
         abi::log(abi::Level::Critical, &format!("sessionguard panicked: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::new()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(root::Root::new(id)) });
 }}

@@ -1,34 +1,135 @@
-//! Per-VM root context: configuration, metrics, periodic work.
+//! Per-VM root context: configuration, periodic work, metrics export, memory polling.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
 use crate::config::Config;
+use crate::pressure::{self, FailureReason, PressureTracker};
 
-use super::abi::{self, Buffer, Level};
-use super::http::Http;
+use super::abi::{self, Buffer, Headers, Level};
+use super::http::{wake, Http};
 use super::metrics::Metrics;
+use super::store::HostStore;
+use super::worker::Worker;
 
 /// Largest plugin configuration accepted; anything bigger is a mistake.
 const MAX_CONFIG_BYTES: usize = 1 << 20;
+/// Largest metrics body read from the store.
+const MAX_METRICS_BYTES: usize = 4 << 20;
+/// Tick period: bounds how late a paused waiter is released and how stale
+/// per-VM caches of shared state (limit, rejection probability, pressure) get.
+const TICK_MS: u32 = 100;
+/// Leadership lease: several ticks, so one late tick does not hand it over.
+const LEASE_MS: u64 = 1000;
 
 pub struct Root {
-    config: Rc<Config>,
-    metrics: Rc<Metrics>,
+    id: u32,
+    worker: Option<Rc<RefCell<Worker>>>,
+    tracker: Option<PressureTracker>,
+    /// Metrics calls in flight: token -> endpoint index.
+    polls: HashMap<u32, usize>,
+    next_poll_ms: u64,
 }
 
 impl Root {
-    pub fn new() -> Self {
+    pub fn new(id: u32) -> Self {
         Self {
-            config: Rc::new(Config::default()),
-            metrics: Rc::new(Metrics::default()),
+            id,
+            worker: None,
+            tracker: None,
+            polls: HashMap::new(),
+            next_poll_ms: 0,
+        }
+    }
+
+    fn poll_memory(&mut self, w: &Worker, now_ms: u64) {
+        let cfg = &w.config.memory;
+        if now_ms < self.next_poll_ms || !self.polls.is_empty() {
+            return;
+        }
+        self.next_poll_ms = now_ms + cfg.poll_interval_ms;
+        let Some(tracker) = self.tracker.as_mut() else {
+            return;
+        };
+        let timeout = u32::try_from(cfg.timeout_ms).unwrap_or(u32::MAX);
+        for (i, ep) in cfg.endpoints.iter().enumerate() {
+            let headers: [(&str, &[u8]); 4] = [
+                (":method", b"GET"),
+                (":path", ep.path.as_bytes()),
+                (":authority", ep.authority.as_bytes()),
+                ("accept", b"text/plain"),
+            ];
+            match abi::http_call(&ep.cluster, &headers, timeout) {
+                Ok(token) => {
+                    self.polls.insert(token, i);
+                }
+                Err(status) => {
+                    tracker.on_failure(i, FailureReason::CallFailed, now_ms);
+                    abi::log(
+                        Level::Warn,
+                        &format!(
+                            "memory: cannot call cluster `{}` (host status {}); is it defined in Envoy's config?",
+                            ep.cluster, status.0
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Publishes the tracker's view for every worker and logs state changes once.
+    fn publish_pressure(&mut self, w: &mut Worker, now_ms: u64) {
+        let Some(tracker) = self.tracker.as_mut() else {
+            return;
+        };
+        let snap = tracker.snapshot(now_ms);
+        let cfg = &w.config;
+        let _ = pressure::publish(&HostStore, &snap, cfg.memory.max_sample_age_ms, cfg.cas_attempts);
+        for t in tracker.take_transitions(now_ms) {
+            abi::log(Level::Warn, &format!("memory: {t}"));
         }
     }
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _trailers: usize) {
+        let Some(endpoint) = self.polls.remove(&token) else {
+            return;
+        };
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let mut w = worker.borrow_mut();
+        let now_ms = abi::now_ns() / 1_000_000;
+        let Some(tracker) = self.tracker.as_mut() else {
+            return;
+        };
+        let status = abi::header(Headers::CallResponse, ":status")
+            .ok()
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok());
+        match (headers, status) {
+            // Zero headers: the call failed (reset, no upstream).
+            (0, _) | (_, None) => tracker.on_failure(endpoint, FailureReason::CallFailed, now_ms),
+            (_, Some(200)) => {
+                let body = abi::buffer(Buffer::CallResponseBody, body_size.min(MAX_METRICS_BYTES))
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                // A bad body is recorded by the tracker as a failed poll.
+                let _ = tracker.on_sample(endpoint, &body, now_ms);
+            }
+            // Envoy answers a call that timed out with its own 504.
+            (_, Some(504)) => tracker.on_failure(endpoint, FailureReason::Timeout, now_ms),
+            (_, Some(code)) => tracker.on_failure(endpoint, FailureReason::HttpStatus(code), now_ms),
+        }
+        self.publish_pressure(&mut w, now_ms);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -42,25 +143,72 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Config::parse(&bytes) {
-            Ok(config) => {
-                self.config = Rc::new(config);
-                self.metrics = Rc::new(Metrics::define());
-                abi::log(Level::Info, "configuration accepted");
-                true
-            }
+        let config = match Config::parse(&bytes) {
+            Ok(config) => Rc::new(config),
             Err(err) => {
                 abi::log(Level::Error, &err.to_string());
-                false
+                return false;
+            }
+        };
+        self.tracker = config
+            .memory
+            .enabled
+            .then(|| PressureTracker::new(&config.memory));
+        match &self.worker {
+            Some(worker) => worker.borrow_mut().reconfigure(config),
+            None => {
+                self.worker = Some(Rc::new(RefCell::new(Worker::new(config, Metrics::define()))));
             }
         }
+        if abi::set_tick_period_ms(TICK_MS).is_err() {
+            abi::log(Level::Error, "cannot set the tick period; periodic work is off");
+            return false;
+        }
+        abi::log(Level::Info, "configuration accepted");
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(worker) = self.worker.clone() else {
+            return;
+        };
+        let mut w = worker.borrow_mut();
+        let now_ms = abi::now_ns() / 1_000_000;
+        let store = HostStore;
+        let vm_id = w.vm_id;
+        let leader = w.election.tick(&store, vm_id, now_ms, LEASE_MS);
+        w.limiter.tick(&store, now_ms, leader);
+        w.admission.tick(&store, now_ms);
+
+        let expired = w.flights.expire(now_ms);
+        wake(&mut w, &expired, false, self.id);
+
+        if w.config.memory.enabled {
+            if leader {
+                self.poll_memory(&w, now_ms);
+                self.publish_pressure(&mut w, now_ms);
+            }
+            let max_age = w.config.memory.max_sample_age_ms;
+            w.pressure = pressure::load(&store, now_ms, max_age).ok();
+            let factor = w.pressure.as_ref().map_or(1.0, |p| p.limit_factor());
+            w.limiter.set_pressure_factor(factor);
+        }
+        if leader {
+            w.scan_occupancy(&store, now_ms);
+        }
+        w.export_metrics(now_ms, self.tracker.as_ref());
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http::new(self.config.clone(), self.metrics.clone())))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Envoy configures a plugin before it sends traffic; should that ever not hold,
+        // the request still gets a working (default) filter rather than a VM abort.
+        let worker = self.worker.clone().unwrap_or_else(|| {
+            Rc::new(RefCell::new(Worker::new(Rc::new(Config::default()), Metrics::define())))
+        });
+        Some(Box::new(Http::new(context_id, worker)))
     }
 }

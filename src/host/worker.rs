@@ -1,0 +1,190 @@
+//! State of one Envoy worker's VM, shared by its root context and its requests.
+//!
+//! A VM is single-threaded, so requests borrow it in turn; anything that must hold
+//! across workers lives in shared data and is reached through [`HostStore`].
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::admission::Admission;
+use crate::classify::Class;
+use crate::config::Config;
+use crate::election::Election;
+use crate::fingerprint::init_seed;
+use crate::keytable::OccupancyScan;
+use crate::limiter::Limiter;
+use crate::negcache::NegCache;
+use crate::pressure::{PressureSnapshot, PressureTracker};
+use crate::reply::ShedReason;
+use crate::rng::Rng;
+use crate::singleflight::{Limits, SingleFlight};
+
+use super::abi;
+use super::metrics::Metrics;
+use super::store::HostStore;
+
+/// Counts kept per VM and exported as metric deltas on each tick, so the request
+/// path makes no metric hostcalls.
+#[derive(Default, Clone)]
+pub struct Counts {
+    pub requests: [u64; Class::ALL.len()],
+    /// Shed, by reason and criticality (0 = critical, 1 = sheddable).
+    pub shed: [[u64; 2]; ShedReason::ALL.len()],
+    pub would_shed: [u64; ShedReason::ALL.len()],
+    pub cache_hits: u64,
+    pub cache_would_hit: u64,
+    pub coalesced: u64,
+}
+
+/// A request paused behind another one for the same missing key.
+pub struct Waiter {
+    pub fp: u64,
+    pub path: String,
+}
+
+pub struct Worker {
+    pub config: Rc<Config>,
+    pub metrics: Metrics,
+    pub rng: Rng,
+    /// Identity of this VM in shared tables (random, so restarts never collide).
+    pub vm_id: u64,
+    pub limiter: Limiter,
+    pub admission: Admission,
+    pub election: Election,
+    pub cache: NegCache,
+    pub flights: SingleFlight,
+    pub waiters: HashMap<u32, Waiter>,
+    /// Woken waiters, until their own context notices: true = answered with the 404.
+    pub answered: HashMap<u32, bool>,
+    pub pressure: Option<PressureSnapshot>,
+    pub counts: Counts,
+    occupancy: OccupancyScan,
+    /// Live entries of the key table at the last complete scan.
+    occupied: u64,
+}
+
+/// Shards read per tick by the occupancy scan: the whole table is covered every
+/// few seconds without a burst of shared-data reads.
+const SCAN_SHARDS_PER_TICK: u32 = 64;
+
+impl Worker {
+    pub fn new(config: Rc<Config>, metrics: Metrics) -> Self {
+        let mut rng = Rng::new(random_seed());
+        let vm_id = rng.next_u64();
+        let store = HostStore;
+        // Envoy configures the main thread's VM before any worker's, so the first
+        // configure creates the seed and every worker adopts it.
+        let seed = init_seed(&store, rng.next_u64());
+        let cache = NegCache::from_config(&config, seed, rng.next_u64());
+        let flights = SingleFlight::new(
+            &config.negative_cache.single_flight,
+            Limits::default(),
+        );
+        Self {
+            limiter: Limiter::new(&config.concurrency, config.cas_attempts, vm_id),
+            admission: Admission::new(&config.admission, config.cas_attempts),
+            election: Election::new(config.cas_attempts),
+            cache,
+            flights,
+            waiters: HashMap::new(),
+            answered: HashMap::new(),
+            pressure: None,
+            counts: Counts::default(),
+            occupancy: OccupancyScan::new(),
+            occupied: 0,
+            config,
+            metrics,
+            rng,
+            vm_id,
+        }
+    }
+
+    /// A new plugin configuration on a live VM: keep in-flight accounting, adopt limits.
+    pub fn reconfigure(&mut self, config: Rc<Config>) {
+        self.limiter.reconfigure(&config.concurrency);
+        self.admission.reconfigure(&config.admission);
+        if config.key_table != self.config.key_table
+            || config.negative_cache != self.config.negative_cache
+            || config.cas_attempts != self.config.cas_attempts
+        {
+            let seed = init_seed(&HostStore, self.rng.next_u64());
+            self.cache = NegCache::from_config(&config, seed, self.rng.next_u64());
+        }
+        self.config = config;
+    }
+}
+
+impl Worker {
+    /// Advances the occupancy scan of the key table by a few shards.
+    pub fn scan_occupancy(&mut self, store: &HostStore, now_ms: u64) {
+        if let Some(done) =
+            self.occupancy
+                .step(self.cache.table(), store, now_ms, SCAN_SHARDS_PER_TICK)
+        {
+            self.occupied = done.live();
+            self.metrics.cache_occupancy.set(self.occupied);
+        }
+    }
+
+    /// Forwards what the core counted since the last tick to Envoy's stats.
+    pub fn export_metrics(&mut self, now_ms: u64, tracker: Option<&PressureTracker>) {
+        let m = &mut self.metrics;
+        let c = &self.counts;
+        for (counter, total) in m.requests.iter_mut().zip(c.requests) {
+            counter.export(total);
+        }
+        for (per_reason, totals) in m.shed.iter_mut().zip(c.shed) {
+            for (counter, total) in per_reason.iter_mut().zip(totals) {
+                counter.export(total);
+            }
+        }
+        for (counter, total) in m.would_shed.iter_mut().zip(c.would_shed) {
+            counter.export(total);
+        }
+        let cache = self.cache.stats();
+        m.cache_hits.export(c.cache_hits);
+        m.cache_would_hit.export(c.cache_would_hit);
+        m.cache_misses.export(cache.misses);
+        m.cache_inserts.export(cache.inserts);
+        m.cache_invalidations.export(cache.invalidations);
+        m.cache_evictions.export(cache.evictions);
+        m.cache_stale_fills.export(cache.stale_fills);
+        m.cache_coalesced.export(c.coalesced);
+
+        let lim = self.limiter.stats();
+        let adm = self.admission.stats();
+        m.cas_giveups.export(
+            lim.cas_giveups_acquire
+                + lim.cas_giveups_release
+                + lim.cas_giveups_tick
+                + adm.flush_giveups
+                + cache.contended,
+        );
+        m.in_flight.set(u64::from(lim.in_flight));
+        m.limit.set(u64::from(lim.limit));
+        m.min_rtt_us.set_scaled(lim.min_rtt_ms, 1000.0);
+        m.sample_rtt_us.set_scaled(lim.sample_rtt_ms, 1000.0);
+        m.rejection_permille
+            .set_scaled(adm.rejection_probability, 1000.0);
+
+        if let Some(tracker) = tracker {
+            let p = tracker.stats(now_ms);
+            m.memory_scrape_failures.export(p.scrape_failures);
+        }
+        if let Some(snap) = &self.pressure {
+            m.memory_ratio_permille.set_scaled(snap.ratio(), 1000.0);
+            m.memory_sample_age_ms
+                .set(snap.sample_age_ms(now_ms).unwrap_or(0));
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        // WASI random_get failing is not expected from Envoy; the clock still
+        // separates VMs, and decisions only need uniform numbers, not secrets.
+        Err(_) => abi::now_ns() ^ 0x5851_f42d_4c95_7f2d,
+    }
+}
