@@ -231,7 +231,10 @@ mod tests {
 
     #[test]
     fn invalid_utf8_keys_are_still_keys() {
-        assert_eq!(key_of("GET", "/sessions/v1/%ff%fe").unwrap(), vec![0xff, 0xfe]);
+        assert_eq!(
+            key_of("GET", "/sessions/v1/%ff%fe").unwrap(),
+            vec![0xff, 0xfe]
+        );
     }
 
     #[test]

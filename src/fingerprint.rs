@@ -44,7 +44,8 @@ const SEED_MAGIC: &[u8; 8] = b"sgseed01";
 /// decodes as a seed, so it is always replaced by a compare-and-swap.
 const PLACEHOLDER: &[u8] = b"sg.seed.pending";
 
-/// Bound on the loop in [`init_seed`]; only contention or host errors consume attempts.
+/// Bound on the loop in [`init_seed`] (its docs quote the number); only contention or
+/// host errors consume attempts.
 const SEED_ATTEMPTS: u32 = 16;
 
 /// Hashes keys to 64-bit fingerprints with SipHash-2-4 under a secret key.
@@ -193,9 +194,9 @@ pub fn read_seed<S: SharedStore + ?Sized>(store: &S) -> Option<u64> {
 /// - Step 4's blind write can erase a seed that another VM created and adopted a moment
 ///   before, after which two seeds are in use. It needs a key that exists but is empty,
 ///   which only a foreign writer can produce.
-/// - If every attempt fails (host errors, or contention beyond [`SEED_ATTEMPTS`]
-///   rounds), the candidate is returned unshared. Hosts should compare with
-///   [`read_seed`] later and disable the negative cache on disagreement.
+/// - If every attempt fails (host errors, or contention beyond 16 rounds), the candidate
+///   is returned unshared. Hosts should compare with [`read_seed`] later and disable the
+///   negative cache on disagreement.
 pub fn init_seed<S: SharedStore + ?Sized>(store: &S, candidate: u64) -> u64 {
     let record = encode_seed(candidate);
     let mut exists_but_empty = false;

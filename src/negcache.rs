@@ -43,7 +43,9 @@
 //!   ever lost to the host's "any CAS on an absent key" rule.
 //!
 //! A GET that read a shard that was absent or garbage holds `Generation(None)` and may
-//! insert only if the shard is *still* absent or garbage, i.e. nothing was written to it.
+//! insert only if the shard is *still* absent or garbage, i.e. none of our writes reached
+//! it since (a foreign writer that corrupts our keys again right after a write could
+//! defeat this, as it could defeat any scheme).
 //! A single-flight waiter answered with its leader's 404 is covered too, if the host
 //! answers waiters only when the leader's `insert_missing` returned [`Fill::Inserted`]:
 //! the waiter joined before that insert, and the insert proves no write ended since the
@@ -116,7 +118,7 @@ impl Default for SingleFlightConfig {
         Self {
             enabled: true,
             max_waiters: 64,
-            max_wait_ms: 200,
+            max_wait_ms: 1000,
         }
     }
 }

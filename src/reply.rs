@@ -77,7 +77,12 @@ impl Default for RetryAfterConfig {
 impl RetryAfterConfig {
     pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
         check_range(&field(section, "min_secs"), self.min_secs, 1, 3600)?;
-        check_range(&field(section, "max_secs"), self.max_secs, self.min_secs, 3600)?;
+        check_range(
+            &field(section, "max_secs"),
+            self.max_secs,
+            self.min_secs,
+            3600,
+        )?;
         check_unit(&field(section, "jitter"), self.jitter, 0.0, 1.0)
     }
 
@@ -92,7 +97,11 @@ impl RetryAfterConfig {
         } else {
             1.0
         };
-        let u = if u.is_finite() { u.clamp(0.0, 1.0) } else { 0.0 };
+        let u = if u.is_finite() {
+            u.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let span = f64::from(self.max_secs - self.min_secs);
         let base = f64::from(self.min_secs) + span * severity;
         let jittered = base * (1.0 - self.jitter * u);
@@ -268,7 +277,9 @@ mod tests {
         assert_eq!(r.status, 503);
         assert!(r.headers.contains(&("retry-after", "7".into())));
         assert!(r.headers.contains(&("x-envoy-overloaded", "true".into())));
-        assert!(r.headers.contains(&("x-sessionguard-shed", "memory".into())));
+        assert!(r
+            .headers
+            .contains(&("x-sessionguard-shed", "memory".into())));
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body["instance"], "/sessions/v1/k");
         assert_eq!(body["type"], OVERLOADED_TYPE);
@@ -297,8 +308,9 @@ mod tests {
             max_secs: 60,
             jitter: 0.5,
         };
-        let distinct: std::collections::BTreeSet<u32> =
-            (0..100).map(|i| c.seconds(1.0, f64::from(i) / 100.0)).collect();
+        let distinct: std::collections::BTreeSet<u32> = (0..100)
+            .map(|i| c.seconds(1.0, f64::from(i) / 100.0))
+            .collect();
         assert!(distinct.len() > 10, "{distinct:?}");
     }
 }

@@ -264,12 +264,16 @@ class Envoy:
         """The first (usually only) listener's port."""
         return next(iter(self.ports.values()))
 
-    def stats(self, prefix: str = "sessionguard") -> dict[str, int]:
-        text = request(self.admin_port, "GET", f"/stats?filter=^{prefix}").body.decode()
+    def stats(self, prefix: str = "sessionguard.") -> dict[str, int]:
+        """Counters and gauges whose name starts with `prefix`. Envoy keeps the filter's
+        own metrics under `wasmcustom.` in /stats (Prometheus output drops it); the
+        returned names drop it too."""
+        text = request(self.admin_port, "GET", "/stats").body.decode()
         out = {}
         for line in text.splitlines():
             name, _, value = line.partition(": ")
-            if value.strip().lstrip("-").isdigit():
+            name = name.removeprefix("wasmcustom.")
+            if name.startswith(prefix) and value.strip().lstrip("-").isdigit():
                 out[name] = int(value)
         return out
 

@@ -183,9 +183,8 @@ pub fn shared_get(key: &str) -> Result<Option<(Vec<u8>, u32)>, HostStatus> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     let mut cas: u32 = 0;
-    let code = unsafe {
-        proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
-    };
+    let code =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
     match code {
         OK => Ok(unsafe { owned(data, size) }.map(|v| (v, cas))),
         NOT_FOUND => Ok(None),

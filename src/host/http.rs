@@ -14,7 +14,7 @@ use proxy_wasm::types::Action;
 use crate::admission::Decision;
 use crate::classify::{classify, Class, Criticality, Op};
 use crate::limiter::{Acquire, Completion, Ending, Permit};
-use crate::negcache::{Lookup, Mark, WriteTicket};
+use crate::negcache::{Fill, Lookup, Mark, WriteTicket};
 use crate::reply::{self, Reply, ShedReason};
 use crate::singleflight::Join;
 
@@ -41,6 +41,9 @@ pub struct Http {
     leader: bool,
     /// The response was handled (write ended, cache filled, waiters answered).
     responded: bool,
+    /// Waiters to wake once this leader's own exchange is over, and how.
+    wake_later: Option<Vec<u32>>,
+    woke_cached: bool,
 }
 
 impl Http {
@@ -59,6 +62,8 @@ impl Http {
             local: false,
             leader: false,
             responded: false,
+            wake_later: None,
+            woke_cached: false,
         }
     }
 
@@ -74,7 +79,12 @@ impl Http {
         }
     }
 
-    fn decide(&mut self, w: &mut Worker, crit: Criticality, now_ms: u64) -> Option<(ShedReason, f64)> {
+    fn decide(
+        &mut self,
+        w: &mut Worker,
+        crit: Criticality,
+        now_ms: u64,
+    ) -> Option<(ShedReason, f64)> {
         let config = w.config.clone();
         if config.memory.enabled {
             let u = w.rng.next_f64();
@@ -117,19 +127,26 @@ impl Http {
                 w.cache.end_write(&store, fp, success, now_ms);
             }
             (Op::Delete, Some(ticket)) => {
-                w.cache.end_delete(&store, fp, ticket, status == Some(204), now_ms);
+                w.cache
+                    .end_delete(&store, fp, ticket, status == Some(204), now_ms);
             }
             (Op::Read, _) if !self.local => {
                 let Some(lookup) = self.lookup else { return };
                 let is_404 = status == Some(404) && is_store_problem();
+                let mut cached = false;
                 if is_404 && w.config.negative_cache.enabled {
-                    w.cache.insert_missing(&store, fp, lookup.generation, now_ms);
+                    cached = w
+                        .cache
+                        .insert_missing(&store, fp, lookup.generation, now_ms)
+                        == Fill::Inserted;
                 } else if status == Some(200) {
                     w.cache.mark_exists(&store, fp, &lookup, now_ms);
                 }
                 if self.leader {
-                    let ids = w.flights.complete(fp, self.id, is_404);
-                    wake(w, &ids, is_404, self.id);
+                    // Waiters get the 404 only if it could be cached: a write that
+                    // touched the key meanwhile sends them to the store instead.
+                    self.wake_later = Some(w.flights.complete(fp, self.id, cached));
+                    self.woke_cached = cached;
                 }
             }
             _ => {}
@@ -211,7 +228,10 @@ impl HttpContext for Http {
                     if config.negative_cache.enforce {
                         w.counts.requests[Class::ReadUnknown.index()] += 1;
                         w.counts.cache_hits += 1;
-                        self.send(&reply::cached_not_found(path), "sessionguard_negative_cache");
+                        self.send(
+                            &reply::cached_not_found(path),
+                            "sessionguard_negative_cache",
+                        );
                         if self.local {
                             return Action::Pause;
                         }
@@ -315,6 +335,11 @@ impl HttpContext for Http {
         };
         // A stream that never got response headers still ends its write and frees its waiters.
         self.on_response(&mut w, None, now_ms);
+        if let Some(ids) = self.wake_later.take() {
+            // Woken from here, not from the response-headers callback: replying to
+            // other streams inside it stalls this stream's own response in Envoy.
+            wake(&mut w, &ids, self.woke_cached, self.id);
+        }
         if self.leader && self.status.is_none() {
             if let Some(fp) = self.fp {
                 let ids = w.flights.leader_gone(fp, self.id);
@@ -344,7 +369,8 @@ impl Drop for Http {
                     rtt_ms: None,
                     ending: Ending::DownstreamReset,
                 };
-                w.limiter.release(&HostStore, permit, done, abi::now_ns() / 1_000_000);
+                w.limiter
+                    .release(&HostStore, permit, done, abi::now_ns() / 1_000_000);
             }
         }
     }

@@ -59,7 +59,11 @@ impl Gauge {
     /// Floats are exported scaled to integers (e.g. ms as µs); NaN and negatives as 0.
     pub fn set_scaled(self, value: f64, scale: f64) {
         let v = value * scale;
-        self.set(if v.is_finite() && v > 0.0 { v as u64 } else { 0 });
+        self.set(if v.is_finite() && v > 0.0 {
+            v as u64
+        } else {
+            0
+        });
     }
 }
 
@@ -100,10 +104,12 @@ impl Metrics {
         let p = "sessionguard";
         Self {
             requests: counters(Class::ALL.map(Class::name), &format!("{p}.requests")),
-            shed: ShedReason::ALL.map(|r| {
-                counters(["critical", "sheddable"], &format!("{p}.shed.{}", r.name()))
-            }),
-            would_shed: counters(ShedReason::ALL.map(ShedReason::name), &format!("{p}.shadow")),
+            shed: ShedReason::ALL
+                .map(|r| counters(["critical", "sheddable"], &format!("{p}.shed.{}", r.name()))),
+            would_shed: counters(
+                ShedReason::ALL.map(ShedReason::name),
+                &format!("{p}.shadow"),
+            ),
             cache_hits: Counter::define(&format!("{p}.negcache.hits")),
             cache_would_hit: Counter::define(&format!("{p}.negcache.shadow_hits")),
             cache_misses: Counter::define(&format!("{p}.negcache.misses")),

@@ -88,7 +88,12 @@ impl Root {
         };
         let snap = tracker.snapshot(now_ms);
         let cfg = &w.config;
-        let _ = pressure::publish(&HostStore, &snap, cfg.memory.max_sample_age_ms, cfg.cas_attempts);
+        let _ = pressure::publish(
+            &HostStore,
+            &snap,
+            cfg.memory.max_sample_age_ms,
+            cfg.cas_attempts,
+        );
         for t in tracker.take_transitions(now_ms) {
             abi::log(Level::Warn, &format!("memory: {t}"));
         }
@@ -96,7 +101,13 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
         let Some(endpoint) = self.polls.remove(&token) else {
             return;
         };
@@ -125,7 +136,9 @@ impl Context for Root {
             }
             // Envoy answers a call that timed out with its own 504.
             (_, Some(504)) => tracker.on_failure(endpoint, FailureReason::Timeout, now_ms),
-            (_, Some(code)) => tracker.on_failure(endpoint, FailureReason::HttpStatus(code), now_ms),
+            (_, Some(code)) => {
+                tracker.on_failure(endpoint, FailureReason::HttpStatus(code), now_ms)
+            }
         }
         self.publish_pressure(&mut w, now_ms);
     }
@@ -138,7 +151,10 @@ impl RootContext for Root {
             Err(status) => {
                 abi::log(
                     Level::Error,
-                    &format!("cannot read plugin configuration (host status {})", status.0),
+                    &format!(
+                        "cannot read plugin configuration (host status {})",
+                        status.0
+                    ),
                 );
                 return false;
             }
@@ -157,11 +173,17 @@ impl RootContext for Root {
         match &self.worker {
             Some(worker) => worker.borrow_mut().reconfigure(config),
             None => {
-                self.worker = Some(Rc::new(RefCell::new(Worker::new(config, Metrics::define()))));
+                self.worker = Some(Rc::new(RefCell::new(Worker::new(
+                    config,
+                    Metrics::define(),
+                ))));
             }
         }
         if abi::set_tick_period_ms(TICK_MS).is_err() {
-            abi::log(Level::Error, "cannot set the tick period; periodic work is off");
+            abi::log(
+                Level::Error,
+                "cannot set the tick period; periodic work is off",
+            );
             return false;
         }
         abi::log(Level::Info, "configuration accepted");
@@ -196,6 +218,7 @@ impl RootContext for Root {
         if leader {
             w.scan_occupancy(&store, now_ms);
         }
+        w.check_seed(&store);
         w.export_metrics(now_ms, self.tracker.as_ref());
     }
 
@@ -207,7 +230,10 @@ impl RootContext for Root {
         // Envoy configures a plugin before it sends traffic; should that ever not hold,
         // the request still gets a working (default) filter rather than a VM abort.
         let worker = self.worker.clone().unwrap_or_else(|| {
-            Rc::new(RefCell::new(Worker::new(Rc::new(Config::default()), Metrics::define())))
+            Rc::new(RefCell::new(Worker::new(
+                Rc::new(Config::default()),
+                Metrics::define(),
+            )))
         });
         Some(Box::new(Http::new(context_id, worker)))
     }

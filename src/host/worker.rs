@@ -10,7 +10,7 @@ use crate::admission::Admission;
 use crate::classify::Class;
 use crate::config::Config;
 use crate::election::Election;
-use crate::fingerprint::init_seed;
+use crate::fingerprint::{init_seed, read_seed};
 use crate::keytable::OccupancyScan;
 use crate::limiter::Limiter;
 use crate::negcache::NegCache;
@@ -52,6 +52,8 @@ pub struct Worker {
     pub admission: Admission,
     pub election: Election,
     pub cache: NegCache,
+    /// The key-hash seed shared by all workers (see `check_seed`).
+    seed: u64,
     pub flights: SingleFlight,
     pub waiters: HashMap<u32, Waiter>,
     /// Woken waiters, until their own context notices: true = answered with the 404.
@@ -75,16 +77,17 @@ impl Worker {
         // Envoy configures the main thread's VM before any worker's, so the first
         // configure creates the seed and every worker adopts it.
         let seed = init_seed(&store, rng.next_u64());
-        let cache = NegCache::from_config(&config, seed, rng.next_u64());
-        let flights = SingleFlight::new(
-            &config.negative_cache.single_flight,
-            Limits::default(),
-        );
+        let mut cache = NegCache::from_config(&config, seed, rng.next_u64());
+        // Allocate the whole table now: its memory is fixed from start-up, and
+        // creating a shard that already exists is a no-op.
+        let _ = cache.table_mut().create_all(&store);
+        let flights = SingleFlight::new(&config.negative_cache.single_flight, Limits::default());
         Self {
             limiter: Limiter::new(&config.concurrency, config.cas_attempts, vm_id),
             admission: Admission::new(&config.admission, config.cas_attempts),
             election: Election::new(config.cas_attempts),
             cache,
+            seed,
             flights,
             waiters: HashMap::new(),
             answered: HashMap::new(),
@@ -107,14 +110,27 @@ impl Worker {
             || config.negative_cache != self.config.negative_cache
             || config.cas_attempts != self.config.cas_attempts
         {
-            let seed = init_seed(&HostStore, self.rng.next_u64());
-            self.cache = NegCache::from_config(&config, seed, self.rng.next_u64());
+            self.seed = init_seed(&HostStore, self.rng.next_u64());
+            self.cache = NegCache::from_config(&config, self.seed, self.rng.next_u64());
+            let _ = self.cache.table_mut().create_all(&HostStore);
         }
         self.config = config;
     }
 }
 
 impl Worker {
+    /// Workers must hash keys with the same seed or a write through one would not
+    /// clear another's 404. The create protocol makes a split all but impossible;
+    /// should it happen anyway, every worker converges on the stored seed.
+    pub fn check_seed(&mut self, store: &HostStore) {
+        if let Some(stored) = read_seed(store) {
+            if stored != self.seed {
+                self.seed = stored;
+                self.cache = NegCache::from_config(&self.config, stored, self.rng.next_u64());
+            }
+        }
+    }
+
     /// Advances the occupancy scan of the key table by a few shards.
     pub fn scan_occupancy(&mut self, store: &HostStore, now_ms: u64) {
         if let Some(done) =

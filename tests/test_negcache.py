@@ -1,0 +1,133 @@
+"""The negative cache through a real Envoy (2 workers) in front of kask-sim."""
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import harness
+
+QUIET = {"concurrency": {"enabled": False}, "admission": {"enabled": False}}
+
+
+def store_gets(kask, code):
+    return harness.metric_value(kask.metrics(), "http_requests_total",
+                                {"code": str(code), "method": "GET"}) or 0
+
+
+def test_cached_404_is_byte_identical_to_the_stores_own(sidecar):
+    kask, envoy = sidecar(plugin=QUIET)
+    path = "/sessions/v1/enwiki%3AMWSession%3A%3Cscript%3E%26"
+    direct = harness.request(kask.port, "GET", path)
+    first = harness.request(envoy.port, "GET", path)
+    cached = harness.request(envoy.port, "GET", path)
+    assert direct.status == first.status == cached.status == 404
+    assert "x-sessionguard-cache" not in first.headers
+    assert cached.headers["x-sessionguard-cache"] == "hit"
+    assert cached.body == direct.body == first.body
+    for h in ("content-type", "x-content-type-options"):
+        assert cached.headers[h] == direct.headers[h]
+    assert store_gets(kask, 404) == 2  # the direct one and the first through Envoy
+
+
+def test_repeated_missing_key_reaches_the_store_once_per_ttl(sidecar):
+    ttl_ms = 1000
+    kask, envoy = sidecar(plugin={**QUIET, "negative_cache": {"ttl_ms": ttl_ms}})
+    start = time.monotonic()
+    sent = 0
+    while time.monotonic() - start < 3.5:
+        assert harness.request(envoy.port, "GET", "/sessions/v1/hot-missing").status == 404
+        sent += 1
+    reached = store_gets(kask, 404)
+    # One miss per TTL period (4 periods started in 3.5 s), whatever the request count.
+    print(f"{sent} GETs of one missing key in 3.5 s, {reached} reached the store")
+    assert sent > 200
+    assert 3 <= reached <= 5, reached
+    hits = envoy.stats()["sessionguard.negcache.hits"]
+    harness.wait_for(lambda: envoy.stats()["sessionguard.negcache.hits"] >= sent - reached, 2,
+                     "hit counter")
+    assert hits <= sent
+
+
+def test_write_through_envoy_clears_the_cached_404(sidecar):
+    kask, envoy = sidecar(plugin={**QUIET, "negative_cache": {"ttl_ms": 60000}})
+    path = "/sessions/v1/frwiki%3AMWSession%3Anew-login"
+    for _ in range(3):
+        assert harness.request(envoy.port, "GET", path).status == 404
+    assert harness.request(envoy.port, "POST", path, b"PHP.sig.data").status == 201
+    r = harness.request(envoy.port, "GET", path)
+    assert (r.status, r.body) == (200, b"PHP.sig.data")
+    assert harness.request(envoy.port, "DELETE", path).status == 204
+    # A logout marks the key missing: the next lookup is answered at the proxy.
+    r = harness.request(envoy.port, "GET", path)
+    assert r.status == 404 and r.headers.get("x-sessionguard-cache") == "hit"
+
+
+def test_concurrent_lookups_of_one_missing_key_are_coalesced(sidecar):
+    kask, envoy = sidecar(plugin=QUIET, kask_flags=("--get-delay-ms", "300"))
+    path = "/sessions/v1/coalesce-me"
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(lambda _: harness.request(envoy.port, "GET", path), range(24)))
+    assert [r.status for r in results] == [404] * 24
+    assert len({r.body for r in results}) == 1
+    # Single-flight is per worker: at most one lookup per Envoy worker reaches the store.
+    assert store_gets(kask, 404) <= 2, store_gets(kask, 404)
+
+
+def test_no_stale_404_under_concurrent_writers_and_readers(sidecar):
+    """Writers POST hot keys while readers hammer them: after a 201 has been received,
+    no GET sent later may see a 404 (the store has the value; a 404 is the cache)."""
+    kask, envoy = sidecar(plugin={**QUIET, "negative_cache": {"ttl_ms": 30000}},
+                          concurrency=2)
+    keys = [f"/sessions/v1/race{i}" for i in range(40)]
+    acked: dict[str, float] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    stale = []
+    reads = [0]
+
+    def reader(seed):
+        rng = random.Random(seed)
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=10)
+        while not stop.is_set():
+            key = rng.choice(keys)
+            sent = time.monotonic()
+            conn.request("GET", key)
+            r = conn.getresponse()
+            r.read()
+            with lock:
+                reads[0] += 1
+                if r.status == 404 and key in acked and acked[key] < sent:
+                    stale.append((key, r.getheader("x-sessionguard-cache")))
+
+    def writer(seed):
+        rng = random.Random(seed)
+        order = keys[:]
+        rng.shuffle(order)
+        for key in order:
+            time.sleep(rng.uniform(0.01, 0.05))
+            r = harness.request(envoy.port, "POST", key, b"v")
+            assert r.status == 201
+            with lock:
+                acked.setdefault(key, time.monotonic())
+
+    readers = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in readers:
+        t.start()
+    time.sleep(0.5)  # let the cache fill with 404s first
+    writers = [threading.Thread(target=writer, args=(100 + i,)) for i in range(2)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    time.sleep(0.5)
+    stop.set()
+    for t in readers:
+        t.join()
+    stats = envoy.stats()
+    print(f"{reads[0]} reads, {len(acked)} keys written, stale 404s: {len(stale)}, "
+          f"cache hits {stats['sessionguard.negcache.hits']}")
+    assert len(acked) == len(keys)
+    assert stats["sessionguard.negcache.hits"] > 100  # the cache was really in play
+    assert stale == []
