@@ -196,6 +196,12 @@ impl ConnSlot {
             Err(_) => return Err(ReqError::Timeout),
         };
         let _ = stream.set_nodelay(true);
+        // Close with RST, not FIN: a connection dropped after a timeout
+        // must not leave a TIME_WAIT socket behind. Thousands of them (one
+        // client address, one server port) exhaust the ephemeral port range
+        // and make every connect() scan it, which starved the generator in
+        // surge runs.
+        let _ = stream.set_zero_linger();
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ReqError::Conn(format!("handshake: {e}")))?;
@@ -211,7 +217,12 @@ impl ConnSlot {
         Ok(())
     }
 
-    fn build(&self, method: &Method, path: &str, body: &Bytes) -> Result<Request<Full<Bytes>>, String> {
+    fn build(
+        &self,
+        method: &Method,
+        path: &str,
+        body: &Bytes,
+    ) -> Result<Request<Full<Bytes>>, String> {
         let mut b = Request::builder()
             .method(method.clone())
             .uri(path)
@@ -220,7 +231,8 @@ impl ConnSlot {
         if *method == Method::POST {
             b = b.header(CONTENT_TYPE, "application/octet-stream");
         }
-        b.body(Full::new(body.clone())).map_err(|e| format!("bad request: {e}"))
+        b.body(Full::new(body.clone()))
+            .map_err(|e| format!("bad request: {e}"))
     }
 
     /// Send one request and read the whole response before `deadline`.

@@ -106,7 +106,11 @@ impl Histogram {
         if self.total == 0 {
             return None;
         }
-        let p = if p.is_finite() { p.clamp(0.0, 100.0) } else { 100.0 };
+        let p = if p.is_finite() {
+            p.clamp(0.0, 100.0)
+        } else {
+            100.0
+        };
         let rank = ((p / 100.0) * self.total as f64).ceil().max(1.0) as u64;
         let mut seen = 0u64;
         for (idx, &c) in self.counts.iter().enumerate() {

@@ -20,7 +20,11 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Parser, Debug)]
-#[command(name = "sessionload", version, about = "Open-loop load generator and incident replay for Kask-style session stores")]
+#[command(
+    name = "sessionload",
+    version,
+    about = "Open-loop load generator and incident replay for Kask-style session stores"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -87,28 +91,34 @@ enum Cmd {
     DistinctMisses {
         #[command(flatten)]
         common: Common,
-        /// Number of distinct keys (= requests)
-        #[arg(long)]
-        count: u64,
-        /// Requests per second
-        #[arg(long)]
-        rate: f64,
-        #[arg(long, default_value_t = 64)]
-        connections: usize,
-        #[arg(long, default_value_t = 3000)]
-        timeout_ms: u64,
-        /// Key seed; same seed = same keys. Default: a new seed per run
-        #[arg(long)]
-        seed: Option<u64>,
-        #[arg(long, default_value = "/sessions/v1/")]
-        base_uri: String,
-        /// Wiki id prefix of the keys
-        #[arg(long, default_value = "enwiki")]
-        wiki: String,
-        /// Poisson arrivals instead of evenly spaced ones
-        #[arg(long)]
-        poisson: bool,
+        #[command(flatten)]
+        opts: DistinctOpts,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct DistinctOpts {
+    /// Number of distinct keys (= requests)
+    #[arg(long)]
+    count: u64,
+    /// Requests per second
+    #[arg(long)]
+    rate: f64,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
+    /// Key seed; same seed = same keys. Default: a new seed per run
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value = "/sessions/v1/")]
+    base_uri: String,
+    /// Wiki id prefix of the keys
+    #[arg(long, default_value = "enwiki")]
+    wiki: String,
+    /// Poisson arrivals instead of evenly spaced ones
+    #[arg(long)]
+    poisson: bool,
 }
 
 fn clock_salt() -> u64 {
@@ -162,22 +172,17 @@ fn print_plan(s: &Scenario) {
     );
 }
 
-fn distinct_scenario(
-    count: u64,
-    rate: f64,
-    connections: usize,
-    timeout_ms: u64,
-    seed: u64,
-    base_uri: String,
-    wiki: String,
-    poisson: bool,
-) -> Result<Scenario, String> {
+fn distinct_scenario(o: &DistinctOpts, seed: u64) -> Result<Scenario, String> {
     let mut errs = Vec::new();
+    let (count, rate, poisson) = (o.count, o.rate, o.poisson);
     if count == 0 || count > 1_000_000_000 {
         errs.push(format!("--count: must be between 1 and 10^9 (got {count})"));
     }
     if !(rate.is_finite() && rate > 0.0 && rate <= scenario::MAX_RATE) {
-        errs.push(format!("--rate: must be > 0 and <= {} (got {rate})", scenario::MAX_RATE));
+        errs.push(format!(
+            "--rate: must be > 0 and <= {} (got {rate})",
+            scenario::MAX_RATE
+        ));
     }
     if !errs.is_empty() {
         return Err(errs.join("\n"));
@@ -191,16 +196,38 @@ fn distinct_scenario(
     };
     let doc = serde_json::json!({
         "name": "distinct-misses",
-        "base_uri": base_uri,
+        "base_uri": o.base_uri,
         "seed": seed,
-        "connections": connections,
-        "timeout_ms": timeout_ms,
+        "connections": o.connections,
+        "timeout_ms": o.timeout_ms,
         "arrival": if poisson { "poisson" } else { "uniform" },
         "mix": { "reader_miss": 1.0 },
-        "keys": { "wiki_ids": [wiki] },
+        "keys": { "wiki_ids": [o.wiki] },
         "phases": [{ "name": "distinct", "duration_s": duration_s, "rate": rate }],
     });
     scenario::parse_json(&doc.to_string())
+}
+
+/// Scenario-field errors of the synthesized distinct-misses scenario, named
+/// by the command-line flags that set those fields.
+fn distinct_error(e: &str) -> String {
+    const MAP: [(&str, &str); 5] = [
+        ("connections:", "--connections:"),
+        ("timeout_ms:", "--timeout-ms:"),
+        ("base_uri:", "--base-uri:"),
+        ("keys.wiki_ids[0]:", "--wiki:"),
+        ("phases: total duration", "--count/--rate: total duration"),
+    ];
+    e.lines()
+        .map(|l| {
+            MAP.iter()
+                .find(|(from, _)| l.starts_with(from))
+                .map_or(l.to_string(), |(from, to)| {
+                    format!("{to}{}", &l[from.len()..])
+                })
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn main() -> ExitCode {
@@ -215,14 +242,17 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (scenario, common, mode, max_requests, rate_scale, duration_scale, run_salt) = match cli.cmd {
+    let (scenario, common, mode, max_requests, rate_scale, duration_scale, run_salt) = match cli.cmd
+    {
         Cmd::Check {
             scenario,
             rate_scale,
             duration_scale,
         } => {
             let s = scenario::load(&scenario).map_err(anyhow::Error::msg)?;
-            let s = s.scaled(rate_scale, duration_scale).map_err(anyhow::Error::msg)?;
+            let s = s
+                .scaled(rate_scale, duration_scale)
+                .map_err(anyhow::Error::msg)?;
             print_plan(&s);
             return Ok(ExitCode::SUCCESS);
         }
@@ -245,32 +275,40 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 s.connections = c;
             }
-            let s = s.scaled(rate_scale, duration_scale).map_err(anyhow::Error::msg)?;
-            (s, common, Mode::Scenario, max_requests, rate_scale, duration_scale, clock_salt())
+            let s = s
+                .scaled(rate_scale, duration_scale)
+                .map_err(anyhow::Error::msg)?;
+            (
+                s,
+                common,
+                Mode::Scenario,
+                max_requests,
+                rate_scale,
+                duration_scale,
+                clock_salt(),
+            )
         }
-        Cmd::DistinctMisses {
-            common,
-            count,
-            rate,
-            connections,
-            timeout_ms,
-            seed,
-            base_uri,
-            wiki,
-            poisson,
-        } => {
-            let (seed, salt) = match seed {
-                Some(s) => (s, 0),
-                None => (clock_salt(), 0),
-            };
-            let s = distinct_scenario(count, rate, connections, timeout_ms, seed, base_uri, wiki, poisson)
-                .map_err(|e| anyhow::anyhow!("{}", e.replace("phases[0].", "").replace("keys.wiki_ids[0]", "--wiki")))?;
-            (s, common, Mode::DistinctMisses, Some(count), 1.0, 1.0, salt)
+        Cmd::DistinctMisses { common, opts } => {
+            // Keys are a function of the seed alone: a given --seed repeats
+            // the same keys; without one every run gets new keys.
+            let (seed, salt) = (opts.seed.unwrap_or_else(clock_salt), 0);
+            let s = distinct_scenario(&opts, seed)
+                .map_err(|e| anyhow::anyhow!("{}", distinct_error(&e)))?;
+            (
+                s,
+                common,
+                Mode::DistinctMisses,
+                Some(opts.count),
+                1.0,
+                1.0,
+                salt,
+            )
         }
     };
-    if !(common.late_ms.is_finite() && common.late_ms >= 0.0) {
-        anyhow::bail!("--late-ms: must be a number >= 0");
-    }
+    let late_threshold = Duration::try_from_secs_f64(common.late_ms / 1000.0)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(3600))
+        .ok_or_else(|| anyhow::anyhow!("--late-ms: must be a number between 0 and 3600000"))?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -305,7 +343,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             rate_scale,
             duration_scale,
             quiet,
-            late_threshold: Duration::from_secs_f64(common.late_ms / 1000.0),
+            late_threshold,
             run_salt,
         })
         .await
@@ -327,6 +365,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         o.latency_ms.p99.map_or("-".to_string(), |v| format!("{v:.2}")),
         o.achieved_rate
     );
+    if !summary.schedule.behind_schedule && summary.schedule.late > 0 {
+        eprintln!(
+            "note: {} of {} requests were dispatched more than {} ms late (max lag {:.1} ms, p99 {:.2} ms)",
+            summary.schedule.late,
+            o.sent,
+            summary.schedule.late_threshold_ms,
+            summary.schedule.max_lag_ms,
+            summary.schedule.p99_lag_ms.unwrap_or(0.0)
+        );
+    }
     if summary.schedule.behind_schedule {
         eprintln!(
             "warning: generator fell behind schedule: {} requests more than {} ms late (max lag {:.1} ms, p99 {:.1} ms); the offered load was lower than planned",

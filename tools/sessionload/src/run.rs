@@ -9,13 +9,17 @@
 
 use crate::client::{ConnSlot, Endpoint, ReqError, WorkQueue};
 use crate::histogram::us_to_ms;
-use crate::record::{ErrorKind, IncorrectKind, Outcome, Record, Recorder, RunInfo, Summary, Timeseries};
+use crate::record::{
+    ErrorKind, IncorrectKind, Outcome, Record, Recorder, RunInfo, Summary, Timeseries,
+};
 use crate::rng::{hash2, Rng};
 use crate::scenario::Scenario;
 use crate::schedule::Schedule;
 use crate::target::Target;
 use crate::tracker::{GetResult, Tracker, Verdict};
-use crate::workload::{encode_key, parse_version, Class, KeyNames, KeyRef, MissSpace, Op, Values, Workload, Zipf};
+use crate::workload::{
+    encode_key, parse_version, Class, KeyNames, KeyRef, MissSpace, Op, Values, Workload, Zipf,
+};
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use hyper::Method;
@@ -204,6 +208,14 @@ async fn execute(ctx: &Ctx, slot: &mut ConnSlot, job: Job) -> Record {
         rec.outcome = classify(class, s, verdict);
         rec.not_found_ok = s == 404 && rec.outcome == Outcome::Ok && class != Class::Delete;
     }
+    if rec.latency_us > micros(ctx.timeout) && rec.status.is_some() {
+        // Arrived after the deadline (the timer fired late): the client
+        // would have given up. The store's answer still counted above for
+        // the session bookkeeping, which describes the store, not the client.
+        rec.outcome = Outcome::Error(ErrorKind::Timeout);
+        rec.status = None;
+        rec.not_found_ok = false;
+    }
     rec
 }
 
@@ -271,7 +283,9 @@ impl Dispatcher {
         let now = Instant::now();
         let lag_us = micros(now.saturating_duration_since(sched));
         if let KeyRef::Session(id) = op.key {
-            self.ctx.tracker().dispatched(id, op.class == Class::UserGet);
+            self.ctx
+                .tracker()
+                .dispatched(id, op.class == Class::UserGet);
         }
         self.ctx.dispatched.fetch_add(1, Ordering::Relaxed);
         if !prefill {
@@ -411,6 +425,12 @@ fn read_nofile_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+fn read_port_range() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|x| x.parse::<u64>());
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
 fn write_json<T: serde::Serialize>(dir: &Path, name: &str, v: &T) -> anyhow::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(name);
@@ -427,6 +447,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<(Summary, Timeseries)> {
     let sc = &cfg.scenario;
     std::fs::create_dir_all(&cfg.out_dir)
         .map_err(|e| anyhow::anyhow!("--out {}: {e}", cfg.out_dir.display()))?;
+    if let Some((lo, hi)) = read_port_range() {
+        if sc.connections as u64 > (hi.saturating_sub(lo) + 1) * 3 / 4 {
+            eprintln!(
+                "warning: connections = {} is close to the {} local ports in net.ipv4.ip_local_port_range ({lo}-{hi}); connect() will slow down or fail",
+                sc.connections,
+                hi.saturating_sub(lo) + 1
+            );
+        }
+    }
     if let Some(limit) = read_nofile_limit() {
         if (sc.connections as u64) + 64 > limit {
             eprintln!(
@@ -591,6 +620,7 @@ async fn record_loop(
                 done_total += iv.done;
                 let dispatched = ctx.dispatched.load(Ordering::Relaxed);
                 let rate = (dispatched - last_dispatched) as f64 / dt;
+                let last_dispatched_before = last_dispatched;
                 last_dispatched = dispatched;
                 let lag = ctx.interval_max_lag_us.swap(0, Ordering::Relaxed);
                 let late = ctx.interval_late.swap(0, Ordering::Relaxed);
@@ -613,7 +643,8 @@ async fn record_loop(
                         us_to_ms(lag),
                     );
                 }
-                if late > 0 {
+                let sent_now = dispatched - last_dispatched_before;
+                if late > 0 && late * 100 >= sent_now.max(1) {
                     eprintln!(
                         "warning: generator behind schedule: {late} requests dispatched more than {:.0} ms late in the last second (max lag {:.1} ms)",
                         us_to_ms(ctx.late_threshold_us),
@@ -639,8 +670,14 @@ mod tests {
             classify(ReaderMiss, 200, None),
             Outcome::Incorrect(IncorrectKind::Phantom200)
         );
-        assert_eq!(classify(ReaderMiss, 500, None), Outcome::Error(ErrorKind::HttpError));
-        assert_eq!(classify(UserGet, 404, Some(Verdict::NotFoundOk)), Outcome::Ok);
+        assert_eq!(
+            classify(ReaderMiss, 500, None),
+            Outcome::Error(ErrorKind::HttpError)
+        );
+        assert_eq!(
+            classify(UserGet, 404, Some(Verdict::NotFoundOk)),
+            Outcome::Ok
+        );
         assert_eq!(
             classify(UserGet, 404, Some(Verdict::Stale404)),
             Outcome::Incorrect(IncorrectKind::Stale404)
@@ -649,11 +686,20 @@ mod tests {
             classify(UserGet, 200, Some(Verdict::WrongBody)),
             Outcome::Incorrect(IncorrectKind::WrongBody)
         );
-        assert_eq!(classify(UserGet, 503, Some(Verdict::NotJudged)), Outcome::Shed);
+        assert_eq!(
+            classify(UserGet, 503, Some(Verdict::NotJudged)),
+            Outcome::Shed
+        );
         assert_eq!(classify(Write, 201, None), Outcome::Ok);
-        assert_eq!(classify(Write, 200, None), Outcome::Error(ErrorKind::HttpError));
+        assert_eq!(
+            classify(Write, 200, None),
+            Outcome::Error(ErrorKind::HttpError)
+        );
         assert_eq!(classify(Delete, 204, None), Outcome::Ok);
         assert_eq!(classify(Delete, 404, None), Outcome::Ok);
-        assert_eq!(classify(Delete, 400, None), Outcome::Error(ErrorKind::HttpError));
+        assert_eq!(
+            classify(Delete, 400, None),
+            Outcome::Error(ErrorKind::HttpError)
+        );
     }
 }

@@ -305,13 +305,8 @@ fn path_prefix(path: &serde_path_to_error::Path) -> String {
 
 pub fn parse_toml(text: &str) -> Result<Scenario, String> {
     let de = toml::Deserializer::parse(text).map_err(|e| e.to_string().trim().to_string())?;
-    let raw: ScenarioFile = serde_path_to_error::deserialize(de).map_err(|e| {
-        format!(
-            "{}{}",
-            path_prefix(e.path()),
-            e.inner().to_string().trim()
-        )
-    })?;
+    let raw: ScenarioFile = serde_path_to_error::deserialize(de)
+        .map_err(|e| format!("{}{}", path_prefix(e.path()), e.inner().to_string().trim()))?;
     validate(raw)
 }
 
@@ -344,8 +339,7 @@ fn check_rate(errs: &mut Vec<String>, field: &str, v: f64, allow_zero: bool) {
 fn valid_wiki_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
@@ -353,8 +347,7 @@ fn valid_base_uri(s: &str) -> bool {
     s.starts_with('/')
         && s.ends_with('/')
         && s.len() <= 256
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#' | b'%' | b'"' | b'\\'))
 }
 
@@ -425,8 +418,7 @@ fn validate(raw: ScenarioFile) -> Result<Scenario, String> {
         ));
     }
     let needs_sessions = mix.user_get > 0.0 || mix.write > 0.0 || mix.delete > 0.0;
-    if (needs_sessions || k.prefill > 0) && (k.session_pool == 0 || k.session_pool > 10_000_000)
-    {
+    if (needs_sessions || k.prefill > 0) && (k.session_pool == 0 || k.session_pool > 10_000_000) {
         errs.push(format!(
             "keys.session_pool: must be between 1 and 10000000 (got {})",
             k.session_pool
@@ -480,7 +472,11 @@ fn validate(raw: ScenarioFile) -> Result<Scenario, String> {
     for (i, p) in raw.phases.iter().enumerate() {
         let f = |s: &str| format!("phases[{i}].{s}");
         if !p.duration_s.is_finite() || p.duration_s <= 0.0 {
-            errs.push(format!("{}: must be > 0 (got {})", f("duration_s"), p.duration_s));
+            errs.push(format!(
+                "{}: must be > 0 (got {})",
+                f("duration_s"),
+                p.duration_s
+            ));
         }
         let (from, to) = match (p.rate, p.rate_from, p.rate_to) {
             (Some(r), None, None) => {
@@ -491,7 +487,10 @@ fn validate(raw: ScenarioFile) -> Result<Scenario, String> {
                 check_rate(&mut errs, &f("rate_from"), a, true);
                 check_rate(&mut errs, &f("rate_to"), b, true);
                 if a == 0.0 && b == 0.0 {
-                    errs.push(format!("{}: rate_from and rate_to cannot both be 0", f("rate_to")));
+                    errs.push(format!(
+                        "{}: rate_from and rate_to cannot both be 0",
+                        f("rate_to")
+                    ));
                 }
                 (a, b)
             }
@@ -637,13 +636,19 @@ rate_to = 300
     fn unknown_field_is_rejected_with_path() {
         let t = GOOD.replace("rate = 100", "rate = 100\nrat = 5");
         let e = err_of(&t);
-        assert!(e.contains("phases[0]") && e.contains("unknown field `rat`"), "{e}");
+        assert!(
+            e.contains("phases[0]") && e.contains("unknown field `rat`"),
+            "{e}"
+        );
         let t = GOOD.replace("seed = 3", "seed = 3\nbogus = true");
         let e = err_of(&t);
         assert!(e.contains("unknown field `bogus`"), "{e}");
         let t = GOOD.replace("zipf_s = 1.1", "zipf_s = 1.1\nzipf = 2");
         let e = err_of(&t);
-        assert!(e.contains("keys") && e.contains("unknown field `zipf`"), "{e}");
+        assert!(
+            e.contains("keys") && e.contains("unknown field `zipf`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -675,7 +680,10 @@ rate_to = 300
         assert!(err_of(&t).contains("phases[1].rate_to: required with rate_from"));
         let t = GOOD.replace("rate = 100\n", "");
         assert!(err_of(&t).contains("phases[0]: a rate is required"));
-        let t = GOOD.replace("rate_from = 100\nrate_to = 300", "rate_from = 0\nrate_to = 0");
+        let t = GOOD.replace(
+            "rate_from = 100\nrate_to = 300",
+            "rate_from = 0\nrate_to = 0",
+        );
         assert!(err_of(&t).contains("cannot both be 0"));
     }
 
@@ -699,14 +707,21 @@ rate_to = 300
 
     #[test]
     fn other_field_checks() {
-        assert!(err_of(&GOOD.replace("name = \"t\"", "name = \"\"")).contains("name: must not be empty"));
-        assert!(err_of(&GOOD.replace("seed = 3", "seed = 3\nbase_uri = \"sessions\""))
-            .contains("base_uri:"));
+        assert!(err_of(&GOOD.replace("name = \"t\"", "name = \"\""))
+            .contains("name: must not be empty"));
+        assert!(
+            err_of(&GOOD.replace("seed = 3", "seed = 3\nbase_uri = \"sessions\""))
+                .contains("base_uri:")
+        );
         assert!(err_of(&GOOD.replace("timeout_ms = 500", "timeout_ms = 0")).contains("timeout_ms:"));
-        assert!(err_of(&GOOD.replace("zipf_s = 1.1", "zipf_s = 1.1\nwiki_ids = [\"EN wiki\"]"))
-            .contains("keys.wiki_ids[0]:"));
-        assert!(err_of(&GOOD.replace("zipf_s = 1.1", "zipf_s = 1.1\nvalue_min_bytes = 900"))
-            .contains("keys.value_min_bytes:"));
+        assert!(
+            err_of(&GOOD.replace("zipf_s = 1.1", "zipf_s = 1.1\nwiki_ids = [\"EN wiki\"]"))
+                .contains("keys.wiki_ids[0]:")
+        );
+        assert!(
+            err_of(&GOOD.replace("zipf_s = 1.1", "zipf_s = 1.1\nvalue_min_bytes = 900"))
+                .contains("keys.value_min_bytes:")
+        );
         assert!(err_of("name='x'\nphases=[]\n").contains("phases: at least one phase"));
         assert!(err_of("name='x'\n").contains("phases"));
         let e = err_of(
@@ -733,7 +748,10 @@ rate_to = 300
         assert!(e.contains("phases[1].rate: must be > 0"), "{e}");
         let j = r#"{"name":"j","phases":[{"duration_s":1,"rate":10,"x":1}]}"#;
         let e = parse_json(j).unwrap_err();
-        assert!(e.contains("phases[0]") && e.contains("unknown field `x`"), "{e}");
+        assert!(
+            e.contains("phases[0]") && e.contains("unknown field `x`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -743,7 +761,10 @@ rate_to = 300
         assert_eq!(t.phases[1].rate_to, 600.0);
         assert_eq!(t.phases[1].duration_s, 1.5);
         assert!(s.scaled(0.0, 1.0).unwrap_err().contains("--rate-scale"));
-        assert!(s.scaled(1.0, f64::NAN).unwrap_err().contains("--duration-scale"));
+        assert!(s
+            .scaled(1.0, f64::NAN)
+            .unwrap_err()
+            .contains("--duration-scale"));
         assert!(s.scaled(1e9, 1.0).unwrap_err().contains("exceeds"));
     }
 }

@@ -168,7 +168,11 @@ mod tests {
             }
             let expect: [f64; 3] = [200.0, 1650.0, 500.0];
             for i in 0..3 {
-                let tol = if arrival == Arrival::Uniform { 1.5 } else { 5.0 * expect[i].sqrt() };
+                let tol = if arrival == Arrival::Uniform {
+                    1.5
+                } else {
+                    5.0 * expect[i].sqrt()
+                };
                 assert!(
                     (counts[i] as f64 - expect[i]).abs() <= tol,
                     "{arrival:?} phase {i}: {} vs {}",

@@ -41,7 +41,11 @@ pub fn parse(url: &str) -> Result<(String, u16, String), String> {
             "--target: give only scheme, host and port (the path comes from the scenario's base_uri), got {url:?}"
         ));
     }
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     if host.is_empty() {
         return Err(format!("--target: missing host in {url:?}"));
     }
@@ -81,7 +85,9 @@ pub async fn resolve(url: &str, allow_non_loopback: bool) -> Result<Target, Stri
             // `localhost` must still land on loopback.
             addrs.iter().copied().find(|a| is_loopback_ip(a.ip()))
         };
-        pick.ok_or_else(|| format!("--target: {host} did not resolve to a usable (loopback) address"))?
+        pick.ok_or_else(|| {
+            format!("--target: {host} did not resolve to a usable (loopback) address")
+        })?
     };
     let shown = match addr.ip() {
         IpAddr::V6(_) => format!("http://[{}]:{port}", host),
@@ -103,7 +109,15 @@ mod tests {
         for ok in ["127.0.0.1", "127.255.3.4", "::1", "localhost", "LOCALHOST"] {
             assert!(host_is_loopback(ok), "{ok}");
         }
-        for bad in ["10.0.0.1", "192.168.1.1", "8.8.8.8", "::2", "example.org", "128.0.0.1", "0.0.0.0"] {
+        for bad in [
+            "10.0.0.1",
+            "192.168.1.1",
+            "8.8.8.8",
+            "::2",
+            "example.org",
+            "128.0.0.1",
+            "0.0.0.0",
+        ] {
             assert!(!host_is_loopback(bad), "{bad}");
         }
     }

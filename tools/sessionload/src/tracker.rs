@@ -133,7 +133,11 @@ impl Tracker {
         let seq = self.tick();
         let mut newly = false;
         if let Some(k) = self.keys.get_mut(&id) {
-            if let Some(v) = k.versions.iter_mut().find(|v| v.version == version && !v.done) {
+            if let Some(v) = k
+                .versions
+                .iter_mut()
+                .find(|v| v.version == version && !v.done)
+            {
                 v.done = true;
                 if acked {
                     v.acked = Some(seq);
@@ -245,8 +249,7 @@ fn judge(k: &KeyState, s: u64, result: GetResult) -> Verdict {
             match latest {
                 None => Verdict::Ok,
                 Some(l) => {
-                    let ok = v.version == l.version
-                        || v.acked.is_none_or(|a| a > s || a > l.sent);
+                    let ok = v.version == l.version || v.acked.is_none_or(|a| a > s || a > l.sent);
                     if ok {
                         Verdict::Ok
                     } else {
@@ -281,9 +284,8 @@ fn prune(k: &mut KeyState) {
             .chain(std::iter::once(l.sent))
             .min()
             .unwrap_or(l.sent);
-        k.versions.retain(|x| {
-            x.version == l.version || !x.done || x.acked.is_none_or(|a| a >= horizon)
-        });
+        k.versions
+            .retain(|x| x.version == l.version || !x.done || x.acked.is_none_or(|a| a >= horizon));
     }
     let failed = k
         .versions
@@ -324,7 +326,10 @@ mod tests {
         send_write(&mut t, 1, 1);
         t.write_done(1, 1, true);
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::NotFound), Verdict::Stale404);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::NotFound),
+            Verdict::Stale404
+        );
         assert_eq!(t.sessions_acked(), 1);
     }
 
@@ -334,14 +339,20 @@ mod tests {
         send_write(&mut t, 1, 1);
         let s = get(&mut t, 1); // sent while the POST is in flight
         t.write_done(1, 1, true); // 201 arrives
-        assert_eq!(t.get_done(1, Some(s), GetResult::NotFound), Verdict::NotFoundOk);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::NotFound),
+            Verdict::NotFoundOk
+        );
     }
 
     #[test]
     fn get_before_any_write_may_404() {
         let mut t = Tracker::new();
         let s = get(&mut t, 7);
-        assert_eq!(t.get_done(7, Some(s), GetResult::NotFound), Verdict::NotFoundOk);
+        assert_eq!(
+            t.get_done(7, Some(s), GetResult::NotFound),
+            Verdict::NotFoundOk
+        );
     }
 
     #[test]
@@ -350,7 +361,10 @@ mod tests {
         send_write(&mut t, 1, 1);
         t.write_done(1, 1, false); // 503 or timeout
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::NotFound), Verdict::NotFoundOk);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::NotFound),
+            Verdict::NotFoundOk
+        );
     }
 
     #[test]
@@ -363,10 +377,16 @@ mod tests {
         let s = get(&mut t, 1);
         t.dispatched(1, false);
         t.delete_sent(1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::NotFound), Verdict::NotFoundOk);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::NotFound),
+            Verdict::NotFoundOk
+        );
         // A 404 after the DELETE was sent is always fine.
         let s2 = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s2), GetResult::NotFound), Verdict::NotFoundOk);
+        assert_eq!(
+            t.get_done(1, Some(s2), GetResult::NotFound),
+            Verdict::NotFoundOk
+        );
     }
 
     #[test]
@@ -389,20 +409,38 @@ mod tests {
         t.write_done(1, 2, true);
         // v1 was acknowledged before v2 was sent: superseded.
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(1))), Verdict::WrongBody);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(1))),
+            Verdict::WrongBody
+        );
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(2))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(2))),
+            Verdict::Ok
+        );
         // v3 in flight when the GET is sent: either v2 or v3 is fine.
         send_write(&mut t, 1, 3);
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(3))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(3))),
+            Verdict::Ok
+        );
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(2))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(2))),
+            Verdict::Ok
+        );
         // never-written version, or no version at all
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(9))), Verdict::WrongBody);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(9))),
+            Verdict::WrongBody
+        );
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(None)), Verdict::WrongBody);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(None)),
+            Verdict::WrongBody
+        );
     }
 
     #[test]
@@ -413,9 +451,15 @@ mod tests {
         t.write_done(1, 2, true);
         t.write_done(1, 1, true); // v1's 201 arrives last, but it overlapped v2
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(2))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(2))),
+            Verdict::Ok
+        );
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(1))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(1))),
+            Verdict::Ok
+        );
     }
 
     #[test]
@@ -426,7 +470,10 @@ mod tests {
         send_write(&mut t, 1, 2);
         t.write_done(1, 2, false); // timed out: the store may still apply it
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(2))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(2))),
+            Verdict::Ok
+        );
     }
 
     #[test]
@@ -439,7 +486,10 @@ mod tests {
         t.delete_sent(1);
         t.delete_done(1, true);
         let s = t.get_sent(1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(1))), Verdict::Resurrected200);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(1))),
+            Verdict::Resurrected200
+        );
         assert_eq!(t.sessions_deleted(), 1);
         assert_eq!(t.tracked_keys(), 0, "forgotten once deleted and idle");
     }
@@ -453,7 +503,10 @@ mod tests {
         t.write_sent(1, 1); // overtook... arrives after the delete
         t.write_done(1, 1, true);
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::NotFound), Verdict::NotJudged);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::NotFound),
+            Verdict::NotJudged
+        );
     }
 
     #[test]
@@ -464,13 +517,26 @@ mod tests {
             t.write_done(1, v, v % 3 != 0);
         }
         let k = t.keys.get(&1).unwrap();
-        assert!(k.versions.len() <= MAX_FAILED_VERSIONS + 2, "{}", k.versions.len());
+        assert!(
+            k.versions.len() <= MAX_FAILED_VERSIONS + 2,
+            "{}",
+            k.versions.len()
+        );
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(1000))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(1000))),
+            Verdict::Ok
+        );
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(1))), Verdict::WrongBody);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(1))),
+            Verdict::WrongBody
+        );
         let s = get(&mut t, 1);
-        assert_eq!(t.get_done(1, Some(s), GetResult::NotFound), Verdict::Stale404);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::NotFound),
+            Verdict::Stale404
+        );
     }
 
     #[test]
@@ -484,6 +550,9 @@ mod tests {
         send_write(&mut t, 1, 3);
         t.write_done(1, 3, true);
         // The slow GET may legitimately return v1, v2 or v3.
-        assert_eq!(t.get_done(1, Some(s), GetResult::Found(Some(1))), Verdict::Ok);
+        assert_eq!(
+            t.get_done(1, Some(s), GetResult::Found(Some(1))),
+            Verdict::Ok
+        );
     }
 }

@@ -88,7 +88,12 @@ async fn handle(
     Ok(r)
 }
 
-async fn handle_inner(req: Request<Incoming>, srv: &Server, beh: Behavior, n: u64) -> Response<Full<Bytes>> {
+async fn handle_inner(
+    req: Request<Incoming>,
+    srv: &Server,
+    beh: Behavior,
+    n: u64,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     if path.contains("%3A") {
         srv.encoded_colon.fetch_add(1, Ordering::SeqCst);
@@ -121,10 +126,10 @@ async fn handle_inner(req: Request<Incoming>, srv: &Server, beh: Behavior, n: u6
     match beh {
         Behavior::Always404 => return resp(404, Bytes::new()),
         Behavior::Flaky => {
-            if n % 3 == 0 {
+            if n.is_multiple_of(3) {
                 return resp(503, Bytes::new());
             }
-            if n % 7 == 0 {
+            if n.is_multiple_of(7) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
@@ -218,7 +223,12 @@ fn scenario(dir: &Path, text: &str) -> String {
     p.display().to_string()
 }
 
-async fn run_scenario(name: &str, addr: SocketAddr, text: &str, extra: &[&str]) -> (Out, Value, Value) {
+async fn run_scenario(
+    name: &str,
+    addr: SocketAddr,
+    text: &str,
+    extra: &[&str],
+) -> (Out, Value, Value) {
     let dir = tmpdir(name);
     let sc = scenario(&dir, text);
     let out = dir.join("out");
@@ -235,8 +245,10 @@ async fn run_scenario(name: &str, addr: SocketAddr, text: &str, extra: &[&str]) 
     args.extend(extra.iter().map(|s| s.to_string()));
     let o = sessionload(args).await;
     assert!(o.code == 0 || o.code == 3, "exit {}: {}", o.code, o.stderr);
-    let summary: Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
-    let ts: Value = serde_json::from_slice(&std::fs::read(out.join("timeseries.json")).unwrap()).unwrap();
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let ts: Value =
+        serde_json::from_slice(&std::fs::read(out.join("timeseries.json")).unwrap()).unwrap();
     (o, summary, ts)
 }
 
@@ -295,7 +307,12 @@ async fn correct_store_has_no_errors_and_full_accounting() {
     assert!(u(&s["correctness"]["sessions_written"]) >= 40);
     assert!(u(&s["correctness"]["sessions_deleted"]) > 0);
     // Phases and timeseries add up.
-    let phase_sum: u64 = s["phases"].as_array().unwrap().iter().map(|p| u(&p["sent"])).sum();
+    let phase_sum: u64 = s["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u(&p["sent"]))
+        .sum();
     assert_eq!(phase_sum, sent);
     let secs = ts["seconds"].as_array().unwrap();
     assert!(secs.len() == 3, "{} seconds", secs.len());
@@ -314,7 +331,11 @@ async fn correct_store_has_no_errors_and_full_accounting() {
     assert!(srv.connections.load(Ordering::SeqCst) <= 16);
     // The dispatcher keeps to its schedule (the median request is handed to
     // the pool well within a millisecond; the tail depends on machine load).
-    assert!(s["schedule"]["p50_lag_ms"].as_f64().unwrap() < 2.0, "{}", s["schedule"]);
+    assert!(
+        s["schedule"]["p50_lag_ms"].as_f64().unwrap() < 2.0,
+        "{}",
+        s["schedule"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,7 +345,10 @@ async fn forgetful_store_yields_stale_404() {
     assert_eq!(o.code, 3, "{}", o.stderr);
     let stale = u(&s["correctness"]["stale_404"]);
     assert!(stale > 0, "{s}");
-    assert_eq!(u(&s["classes"]["user_get"]["incorrect"]["stale_404"]), stale);
+    assert_eq!(
+        u(&s["classes"]["user_get"]["incorrect"]["stale_404"]),
+        stale
+    );
     assert_eq!(u(&s["correctness"]["wrong_body"]), 0);
 }
 
@@ -354,7 +378,10 @@ async fn sheds_and_timeouts_are_classified() {
     // A timed-out write does not make later 404s "stale", and sheds are not incorrect.
     assert_eq!(u(&s["correctness"]["incorrect"]), 0, "{s}");
     assert_eq!(
-        u(&ov["ok"]) + u(&ov["shed_503"]) + u(&ov["errors"]["total"]) + u(&ov["incorrect"]["total"]),
+        u(&ov["ok"])
+            + u(&ov["shed_503"])
+            + u(&ov["errors"]["total"])
+            + u(&ov["incorrect"]["total"]),
         400
     );
 }
@@ -382,7 +409,11 @@ rate = 100
     let p99 = s["overall"]["latency_ms"]["p99"].as_f64().unwrap();
     assert!(p99 > 1000.0, "p99 {p99} should include queueing");
     // The generator itself kept to its schedule: the wait was the pool's.
-    assert!(s["schedule"]["p50_lag_ms"].as_f64().unwrap() < 2.0, "{}", s["schedule"]);
+    assert!(
+        s["schedule"]["p50_lag_ms"].as_f64().unwrap() < 2.0,
+        "{}",
+        s["schedule"]
+    );
     assert_eq!(u(&s["overall"]["sent"]), 100);
 }
 
@@ -405,7 +436,8 @@ async fn distinct_misses_are_distinct_and_bounded() {
     ])
     .await;
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let s: Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(u(&s["overall"]["sent"]), 1000);
     assert_eq!(u(&s["classes"]["reader_miss"]["ok"]), 1000);
     assert_eq!(s["mode"], "distinct-misses");
@@ -416,7 +448,11 @@ async fn distinct_misses_are_distinct_and_bounded() {
 async fn non_loopback_target_is_refused() {
     let dir = tmpdir("refuse");
     let sc = scenario(&dir, "name='x'\n[[phases]]\nduration_s=1\nrate=1\n");
-    for target in ["http://10.1.2.3:8080", "http://192.168.0.1", "http://example.org:80"] {
+    for target in [
+        "http://10.1.2.3:8080",
+        "http://192.168.0.1",
+        "http://example.org:80",
+    ] {
         let o = sessionload(vec![
             "run".into(),
             "--scenario".into(),
@@ -436,7 +472,12 @@ async fn non_loopback_target_is_refused() {
 #[tokio::test]
 async fn check_validates_shipped_scenarios_and_names_bad_fields() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
-    for f in ["incident.toml", "surge-3x.toml", "ramp-to-10x.toml", "smoke.toml"] {
+    for f in [
+        "incident.toml",
+        "surge-3x.toml",
+        "ramp-to-10x.toml",
+        "smoke.toml",
+    ] {
         let o = sessionload(vec![
             "check".into(),
             "--scenario".into(),
@@ -453,11 +494,22 @@ async fn check_validates_shipped_scenarios_and_names_bad_fields() {
     );
     let o = sessionload(vec!["check".into(), "--scenario".into(), bad]).await;
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("phases[1].rate: must be > 0"), "{}", o.stderr);
-    let bad = scenario(&tmp, "name='x'\nconections=5\n[[phases]]\nduration_s=1\nrate=10\n");
+    assert!(
+        o.stderr.contains("phases[1].rate: must be > 0"),
+        "{}",
+        o.stderr
+    );
+    let bad = scenario(
+        &tmp,
+        "name='x'\nconections=5\n[[phases]]\nduration_s=1\nrate=10\n",
+    );
     let o = sessionload(vec!["check".into(), "--scenario".into(), bad]).await;
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("unknown field `conections`"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("unknown field `conections`"),
+        "{}",
+        o.stderr
+    );
     let o = sessionload(vec![
         "check".into(),
         "--scenario".into(),
