@@ -4,7 +4,7 @@ WASM := target/wasm32-wasip1/release/sessionguard.wasm
 PYTEST := .venv/bin/python -m pytest
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup build lint test test-rust test-wasm test-envoy demo clean
+.PHONY: setup build lint test test-rust test-wasm test-envoy demo bench bench-quick clean
 
 setup:
 	@scripts/setup.sh
@@ -32,8 +32,21 @@ test-envoy: build
 
 test: lint test-rust test-wasm test-envoy
 
+distinct-keys: build
+	.venv/bin/python scripts/distinct_keys.py
+
 demo: build
 	.venv/bin/python scripts/demo.py
+
+# Throughput, latency and CPU per request against the no-op filter and native Envoy
+# (~10 minutes; installs wrk if missing), then the pure-core microbenchmarks; writes
+# docs/perf.md. bench-quick is the smoke variant (1 x 2 s per case, out/perf-quick.md):
+# it checks that every case ran and produced numbers, never how fast.
+bench: build
+	.venv/bin/python scripts/bench.py
+
+bench-quick: build
+	.venv/bin/python scripts/bench.py --quick
 
 clean:
 	cargo clean
