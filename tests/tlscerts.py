@@ -10,6 +10,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+SDS_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy/tls/sds.yaml"
 SAN = "subjectAltName=DNS:sessionstore,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
 
 
@@ -53,12 +56,33 @@ def downstream_tls_contexts(config: dict):
                 yield ts
 
 
+def sds_file(certs: Certs, template: Path = SDS_TEMPLATE) -> Path:
+    """The shipped SDS file (envoy/tls/sds.yaml) with its file names pointed at `certs`,
+    written into `certs.dir` as sds.yaml."""
+    sds = yaml.safe_load(template.read_text())
+    for secret in sds["resources"]:
+        tls = secret["tls_certificate"]
+        tls["certificate_chain"] = {"filename": str(certs.cert)}
+        tls["private_key"] = {"filename": str(certs.key)}
+    path = certs.dir / "sds.yaml"
+    tmp = certs.dir / ".sds.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(sds))
+    tmp.rename(path)
+    return path
+
+
 def localize_tls(config: dict, certs: Certs) -> dict:
-    """Points every listener certificate of a shipped config at `certs`."""
+    """Points every listener certificate of a shipped config at `certs`: inline
+    `tls_certificates`, or SDS files (`path_config_source`), for which it writes the
+    SDS file into `certs.dir`."""
     for ctx in downstream_tls_contexts(config):
-        for c in ctx["common_tls_context"]["tls_certificates"]:
+        common = ctx["common_tls_context"]
+        for c in common.get("tls_certificates", []):
             c["certificate_chain"] = {"filename": str(certs.cert)}
             c["private_key"] = {"filename": str(certs.key)}
-            if "watched_directory" in c:
-                c["watched_directory"] = {"path": str(certs.dir)}
+        for sds in common.get("tls_certificate_sds_secret_configs", []):
+            source = sds["sds_config"]["path_config_source"]
+            source["path"] = str(sds_file(certs))
+            if "watched_directory" in source:
+                source["watched_directory"] = {"path": str(certs.dir)}
     return config

@@ -15,6 +15,7 @@ pub struct HostStatus(pub u32);
 
 pub const OK: u32 = 0;
 pub const NOT_FOUND: u32 = 1;
+pub const BAD_ARGUMENT: u32 = 2;
 pub const CAS_MISMATCH: u32 = 8;
 
 /// `proxy_log` levels.
@@ -99,18 +100,6 @@ extern "C" {
     fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
-    fn proxy_http_call(
-        upstream_data: *const u8,
-        upstream_size: usize,
-        headers_data: *const u8,
-        headers_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        trailers_data: *const u8,
-        trailers_size: usize,
-        timeout: u32,
-        return_token: *mut u32,
-    ) -> u32;
 }
 
 fn status(code: u32) -> Result<(), HostStatus> {
@@ -268,27 +257,22 @@ pub fn resume_request() -> Result<(), HostStatus> {
 }
 
 /// Starts an HTTP call to an Envoy cluster; the answer arrives in `on_http_call_response`.
+///
+/// This one call goes through the SDK: its dispatcher must record the token to route
+/// the answer back to the calling context, and panics on an answer it did not record.
+/// The SDK wrapper itself panics only on statuses Envoy does not return for this call
+/// (it returns Ok, BadArgument or InternalFailure).
 pub fn http_call(
     cluster: &str,
-    headers: &[(&str, &[u8])],
+    headers: Vec<(&str, &str)>,
     timeout_ms: u32,
 ) -> Result<u32, HostStatus> {
-    let map = serialize_headers(headers);
-    let no_trailers = serialize_headers(&[]);
-    let mut token: u32 = 0;
-    status(unsafe {
-        proxy_http_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            map.as_ptr(),
-            map.len(),
-            [].as_ptr(),
-            0,
-            no_trailers.as_ptr(),
-            no_trailers.len(),
-            timeout_ms,
-            &mut token,
-        )
-    })?;
-    Ok(token)
+    proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        headers,
+        None,
+        Vec::new(),
+        std::time::Duration::from_millis(u64::from(timeout_ms)),
+    )
+    .map_err(|status| HostStatus(status as u32))
 }

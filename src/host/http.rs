@@ -217,6 +217,13 @@ impl HttpContext for Http {
             &config.base_uri,
         );
         self.op = request.op;
+        if self.op == Op::Other {
+            // Health checks, metrics scrapes and requests the store rejects itself cost
+            // it nothing: they pass untouched, so a readiness probe through this Envoy
+            // is never shed exactly when the pod is busiest.
+            w.counts.requests[Class::Other.index()] += 1;
+            return Action::Continue;
+        }
         self.fp = request.key.as_deref().map(|k| w.cache.fingerprint(k));
 
         let mut known = false;

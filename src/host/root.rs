@@ -57,13 +57,13 @@ impl Root {
         };
         let timeout = u32::try_from(cfg.timeout_ms).unwrap_or(u32::MAX);
         for (i, ep) in cfg.endpoints.iter().enumerate() {
-            let headers: [(&str, &[u8]); 4] = [
-                (":method", b"GET"),
-                (":path", ep.path.as_bytes()),
-                (":authority", ep.authority.as_bytes()),
-                ("accept", b"text/plain"),
+            let headers = vec![
+                (":method", "GET"),
+                (":path", ep.path.as_str()),
+                (":authority", ep.authority.as_str()),
+                ("accept", "text/plain"),
             ];
-            match abi::http_call(&ep.cluster, &headers, timeout) {
+            match abi::http_call(&ep.cluster, headers, timeout) {
                 Ok(token) => {
                     self.polls.insert(token, i);
                 }
