@@ -15,19 +15,28 @@
 //! taking: Go reuses those retained pages before it asks the kernel for more.
 //!
 //! So each poll reads two signals:
-//! - the **demand** — the sum of [`MemoryConfig::demand_gauges`] (default heap in use
-//!   plus stack in use): the memory the live requests hold right now. It decides
-//!   between `soft` and `hard`, and beyond.
+//! - the **demand** — resident memory minus what the runtime holds resident but free:
+//!   `RSS − (go_memstats_heap_idle_bytes − go_memstats_heap_released_bytes)`
+//!   ([`MemoryConfig::retained_gauges`]). While a surge builds, nothing is retained and
+//!   free, so demand equals RSS and the thresholds mean what an operator expects: a
+//!   share of the pod limit as the kernel counts it. When the surge ends, the freed
+//!   spans become idle-but-not-released and demand falls at once, while RSS stays up.
+//!   Heap and stack *in use* (the fallback, [`MemoryConfig::demand_gauges`]) would also
+//!   fall at once, but they see only part of what each request costs resident
+//!   (allocator and runtime overhead, buffers), so thresholds on them act too late:
+//!   measured in `docs/memory.md`, a surge outran shedding set on in-use memory.
+//!   It decides between `soft` and `hard`, and beyond.
 //! - the **ceiling** — [`MemoryConfig::gauge`] (default resident memory): what the
 //!   kernel charges to the pod's cgroup. It only acts at `critical`: once it reaches
-//!   `critical`, the ratio used is `max(demand, ceiling)`. This catches memory the
-//!   demand gauges do not see (cgo, runtime overhead, a leak) when the pod is truly
-//!   about to be killed. While demand-driven shedding works, the ceiling's peak stays
-//!   below `critical`, so after a surge the retained RSS does not keep shedding on.
+//!   `critical` while demand is itself above `soft`, the ratio used is
+//!   `max(demand, ceiling)`. This catches memory the demand does not see when the pod
+//!   is truly about to be killed, and cannot keep shedding on retained memory once
+//!   demand has fallen after a surge.
 //!
-//! If the demand gauges are not all in a complete body (not a Go service), the
-//! ceiling decides alone (the snapshot says so). An empty `demand_gauges` list
-//! selects that mode explicitly.
+//! Without the retained gauges (an empty `retained_gauges`, or a body without them),
+//! the sum of `demand_gauges` is the demand; if those are not all in a complete body
+//! either (not a Go service), the ceiling decides alone (the snapshot says so). Empty
+//! `retained_gauges` and `demand_gauges` select that mode explicitly.
 //!
 //! # The curve
 //!
@@ -161,8 +170,11 @@ pub struct MemoryConfig {
     /// The ceiling: what the kernel charges the pod (resident memory). A selector:
     /// `name` or `name{label="value",…}`. Acts only at `critical` (see the module docs).
     pub gauge: String,
-    /// Summed, they are the live demand that decides shedding. Empty: decide on
-    /// `gauge` alone (for services that are not written in Go).
+    /// `[held, released]`: memory the runtime holds but does not use is `held −
+    /// released`; demand is `gauge` minus that. Empty: use `demand_gauges`.
+    pub retained_gauges: Vec<String>,
+    /// Summed, the demand when `retained_gauges` are not available. Empty (and no
+    /// retained gauges): decide on `gauge` alone (for services not written in Go).
     pub demand_gauges: Vec<String>,
     pub soft: f64,
     pub hard: f64,
@@ -190,6 +202,10 @@ impl Default for MemoryConfig {
             timeout_ms: 500,
             max_sample_age_ms: 5000,
             gauge: "process_resident_memory_bytes".to_string(),
+            retained_gauges: vec![
+                "go_memstats_heap_idle_bytes".to_string(),
+                "go_memstats_heap_released_bytes".to_string(),
+            ],
             demand_gauges: vec![
                 "go_memstats_heap_inuse_bytes".to_string(),
                 "go_memstats_stack_inuse_bytes".to_string(),
@@ -255,6 +271,21 @@ impl MemoryConfig {
         )?;
         if let Err(e) = Selector::parse(&self.gauge) {
             return Err(ConfigError::new(field(section, "gauge"), e.to_string()));
+        }
+        if !matches!(self.retained_gauges.len(), 0 | 2) {
+            return Err(ConfigError::new(
+                field(section, "retained_gauges"),
+                format!(
+                    "must be empty or name two gauges [held, released], got {}",
+                    self.retained_gauges.len()
+                ),
+            ));
+        }
+        for (i, text) in self.retained_gauges.iter().enumerate() {
+            if let Err(e) = Selector::parse(text) {
+                let name = format!("{}[{i}]", field(section, "retained_gauges"));
+                return Err(ConfigError::new(name, e.to_string()));
+            }
         }
         if self.demand_gauges.len() > MAX_DEMAND_GAUGES {
             return Err(ConfigError::new(
@@ -639,9 +670,10 @@ impl Endpoint {
     }
 
     /// The ratio this endpoint contributes: demand, unless the ceiling has reached
-    /// `critical`.
-    fn decision(&self, critical: f64) -> f64 {
-        if self.ceiling >= critical {
+    /// `critical` while demand is itself above `soft` (retained memory after a surge
+    /// must not keep shedding).
+    fn decision(&self, soft: f64, critical: f64) -> f64 {
+        if self.ceiling >= critical && self.demand >= soft {
             self.demand.max(self.ceiling)
         } else {
             self.demand
@@ -662,8 +694,10 @@ pub struct PressureTracker {
     max_age_ms: u64,
     fall_smoothing: f64,
     drop_on_failure: bool,
-    /// `selectors[0]` is the ceiling, the rest the demand.
+    /// `selectors[0]` is the ceiling, then `demands` demand gauges, then the retained
+    /// pair (if configured).
     selectors: Vec<Selector>,
+    demands: usize,
     scratch: Vec<Result<f64, PromError>>,
     endpoints: Vec<Endpoint>,
     last: PressureSnapshot,
@@ -679,6 +713,7 @@ impl PressureTracker {
         let mut selectors = Vec::with_capacity(1 + cfg.demand_gauges.len());
         selectors.push(parse(&cfg.gauge));
         selectors.extend(cfg.demand_gauges.iter().map(parse));
+        selectors.extend(cfg.retained_gauges.iter().map(parse));
         let n = cfg.endpoints.len().min(MAX_ENDPOINTS);
         PressureTracker {
             curve: Curve::from_config(cfg),
@@ -691,6 +726,7 @@ impl PressureTracker {
             fall_smoothing: unit(cfg.fall_smoothing),
             drop_on_failure: cfg.drop_on_failure,
             scratch: Vec::with_capacity(selectors.len()),
+            demands: cfg.demand_gauges.len(),
             selectors,
             endpoints: vec![Endpoint::new(); n],
             last: PressureSnapshot::idle(0, n),
@@ -731,7 +767,7 @@ impl PressureTracker {
 
         let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
         let s = self.fall_smoothing;
-        let critical = self.curve.critical;
+        let (soft, critical) = (self.curve.soft, self.curve.critical);
         let ep = &mut self.endpoints[endpoint];
         // Smooth only a continuous series; after a gap (or a change of mode) start over.
         let continuous = ep.derive(now_ms, max_age, drop).drives() && ep.fallback == fallback;
@@ -755,11 +791,13 @@ impl PressureTracker {
             demand_bytes,
             ceiling_ratio,
             demand_ratio,
-            decision_ratio: ep.decision(critical),
+            decision_ratio: ep.decision(soft, critical),
         })
     }
 
     /// (ceiling, demand) from `scratch`, or why the poll must count as failed.
+    /// Demand is the ceiling minus retained-but-free memory when the retained pair is
+    /// in the body, else the sum of the demand gauges, else `None`.
     fn read_values(&self) -> Result<(f64, Option<f64>), PromError> {
         let mut results = self.scratch.iter().zip(&self.selectors);
         let Some((ceiling, sel)) = results.next() else {
@@ -768,9 +806,19 @@ impl PressureTracker {
             });
         };
         let ceiling = usable(ceiling, sel)?;
+        let demand_part: Vec<_> = results.by_ref().take(self.demands).collect();
+        let retained_part: Vec<_> = results.collect();
+        if let [(held, held_sel), (released, released_sel)] = retained_part[..] {
+            if let (Ok(held), Ok(released)) =
+                (usable(held, held_sel), usable(released, released_sel))
+            {
+                let retained = (held - released).max(0.0);
+                return Ok((ceiling, Some((ceiling - retained).max(0.0))));
+            }
+        }
         let mut demand = 0.0;
         let mut any = false;
-        for (result, sel) in results {
+        for (result, sel) in demand_part {
             match result {
                 Err(PromError::NotFound { .. }) => return Ok((ceiling, None)),
                 other => {
@@ -816,7 +864,7 @@ impl PressureTracker {
     /// The decision now, from the worst endpoint still driving; publish it.
     pub fn snapshot(&mut self, now_ms: u64) -> PressureSnapshot {
         self.refresh(now_ms);
-        let critical = self.curve.critical;
+        let (soft, critical) = (self.curve.soft, self.curve.critical);
         let mut worst: Option<(usize, f64)> = None;
         let mut driving = 0usize;
         let mut max_ceiling = 0.0f64;
@@ -826,7 +874,7 @@ impl PressureTracker {
             }
             driving += 1;
             max_ceiling = max_ceiling.max(ep.ceiling);
-            let r = ep.decision(critical);
+            let r = ep.decision(soft, critical);
             if worst.is_none_or(|(_, w)| r > w) {
                 worst = Some((i, r));
             }
@@ -836,7 +884,7 @@ impl PressureTracker {
             Some((i, r)) => {
                 let ep = &self.endpoints[i];
                 let mut flags = FLAG_ACTIVE;
-                if ep.ceiling >= critical && ep.ceiling > ep.demand {
+                if ep.ceiling >= critical && ep.demand >= soft && ep.ceiling > ep.demand {
                     flags |= FLAG_CEILING;
                 }
                 if ep.fallback {
@@ -1613,15 +1661,22 @@ mod tests {
 
     #[test]
     fn rss_above_critical_is_a_hard_ceiling() {
-        // Demand low (the gauges miss memory, e.g. cgo), RSS at 97% of the limit.
+        // Demand over soft but the gauges miss memory (e.g. cgo): RSS at 97% of the limit.
         let mut t = PressureTracker::new(&cfg());
-        let r = t.on_sample(0, &body(0.30, 0.97), 0).unwrap();
+        let r = t.on_sample(0, &body(0.72, 0.97), 0).unwrap();
         assert!(close(r.decision_ratio, 0.97));
         let s = t.snapshot(0);
         assert!(s.ceiling_in_force());
         assert_eq!(s.shed_probability(S), 1.0);
         assert!(close(s.shed_probability(C), 0.5 * 0.02 / 0.05));
         assert_eq!(s.limit_factor(), 0.5);
+        // RSS above critical but demand low: memory retained after a surge, reused
+        // before the kernel is asked for more; it must not keep shedding.
+        let mut t = PressureTracker::new(&cfg());
+        t.on_sample(0, &body(0.30, 0.97), 0).unwrap();
+        let s = t.snapshot(0);
+        assert!(!s.ceiling_in_force());
+        assert_eq!(s.shed_probability(S), 0.0);
         // RSS high but below critical, demand low: nothing is shed.
         let mut t = PressureTracker::new(&cfg());
         t.on_sample(0, &body(0.30, 0.93), 0).unwrap();
@@ -1705,8 +1760,24 @@ mod tests {
     // ---- signals ----
 
     #[test]
-    fn demand_is_heap_plus_stack_in_use() {
+    fn demand_is_resident_memory_less_what_the_runtime_retains_free() {
         let mut t = PressureTracker::new(&cfg());
+        let r = t
+            .on_sample(0, crate::prom::tests::GO_METRICS.as_bytes(), 0)
+            .unwrap();
+        assert_eq!(r.ceiling_bytes, 1.82452224e8);
+        assert_eq!(
+            r.demand_bytes,
+            Some(1.82452224e8 - (1.212416e7 - 3.080192e6))
+        );
+    }
+
+    #[test]
+    fn demand_is_heap_plus_stack_in_use_without_retained_gauges() {
+        let mut t = PressureTracker::new(&MemoryConfig {
+            retained_gauges: Vec::new(),
+            ..cfg()
+        });
         let r = t
             .on_sample(0, crate::prom::tests::GO_METRICS.as_bytes(), 0)
             .unwrap();
@@ -1936,7 +2007,7 @@ mod tests {
 
     fn busy_snapshot() -> PressureSnapshot {
         let mut t = PressureTracker::new(&cfg_endpoints(2));
-        t.on_sample(1, &body(0.3, 0.97), 1234).unwrap();
+        t.on_sample(1, &body(0.72, 0.97), 1234).unwrap();
         t.snapshot(1500)
     }
 

@@ -36,6 +36,7 @@ BAD_CONFIGS = [
     ('{"negative_cache": {"ttl_ms": 0}}', "negative_cache.ttl_ms", "between 1 and"),
     ('{"base_uri": "sessions"}', "base_uri", "must start and end with"),
     ('{"memory": {"enabled": true}}', "memory.memory_limit_bytes", "must be set"),
+    ('{"memory": {"retained_gauges": ["a"]}}', "memory.retained_gauges", "two gauges"),
     ('{"not json', None, "not valid JSON"),
     ('[]', None, "JSON object"),
 ]
