@@ -37,16 +37,35 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "invalid plugin configuration: {}", self.message)
+        // Field names and messages can quote the operator's input; control characters
+        // are escaped so that the error stays one log line.
+        let field = one_line(&self.field);
+        let message = one_line(&self.message);
+        if field.is_empty() {
+            write!(f, "invalid plugin configuration: {message}")
         } else {
             write!(
                 f,
-                "invalid plugin configuration: field `{}`: {}",
-                self.field, self.message
+                "invalid plugin configuration: field `{field}`: {message}"
             )
         }
     }
+}
+
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// The whole plugin configuration (see the README's configuration reference).

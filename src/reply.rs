@@ -170,6 +170,10 @@ fn decode_path(input: &[u8]) -> Option<Vec<u8>> {
     while i < input.len() {
         if input[i] == b'%' {
             let hex = input.get(i + 1..i + 3)?;
+            // Hex digits only: `from_str_radix` alone would also take a sign (`%+1`).
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             let s = std::str::from_utf8(hex).ok()?;
             out.push(u8::from_str_radix(s, 16).ok()?);
             i += 3;

@@ -15,7 +15,6 @@ pub struct HostStatus(pub u32);
 
 pub const OK: u32 = 0;
 pub const NOT_FOUND: u32 = 1;
-pub const BAD_ARGUMENT: u32 = 2;
 pub const CAS_MISMATCH: u32 = 8;
 
 /// `proxy_log` levels.
