@@ -166,6 +166,9 @@ fn is_store_problem() -> bool {
 /// Answers (`found_missing`) or releases paused waiters, then returns the host's
 /// attention to the context `back_to`.
 pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
+    if ids.is_empty() {
+        return; // nothing switched context: no hostcall (every tick, every leader's end)
+    }
     for id in ids {
         let Some(waiter) = w.waiters.remove(id) else {
             continue;
