@@ -184,14 +184,17 @@ async fn storage(app: &App, job: Job) -> Result<Outcome, ()> {
 }
 
 fn metrics_response(app: &App) -> Resp {
+    // One task per client connection (the serve loop itself is not a task).
+    let goroutines = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
     let snap = Snapshot {
-        goroutines: tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks(),
-        mem: app.memory.stats(),
+        goroutines,
+        mem: app.memory.stats(goroutines),
         rss: memory::rss_bytes(),
         vsz: memory::vsz_bytes(),
         queue_depth: app.backend.queue_depth(),
+        abandoned: app.backend.abandoned(),
         backend_busy: app.backend.busy(),
         backend_parallelism: app.parallelism,
         memory_limit: app.memory.limit().unwrap_or(0),

@@ -51,6 +51,7 @@ pub struct Snapshot {
     pub rss: u64,
     pub vsz: u64,
     pub queue_depth: usize,
+    pub abandoned: u64,
     pub backend_busy: usize,
     pub backend_parallelism: usize,
     pub memory_limit: u64,
@@ -203,6 +204,13 @@ impl Metrics {
             esc(BUILD.version)
         );
 
+        header(
+            &mut out,
+            "kasksim_abandoned_total",
+            "Queued backend jobs dropped unserved because their client had gone away.",
+            "counter",
+        );
+        let _ = writeln!(out, "kasksim_abandoned_total {}", snap.abandoned);
         gauge(
             &mut out,
             "kasksim_backend_busy",
@@ -364,6 +372,7 @@ mod tests {
             rss: 1234,
             vsz: 5678,
             queue_depth: 2,
+            abandoned: 7,
             backend_busy: 1,
             backend_parallelism: 16,
             memory_limit: 0,
@@ -401,6 +410,9 @@ mod tests {
         assert!(text.contains("process_resident_memory_bytes 1234\n"));
         assert!(text.contains("go_memstats_heap_inuse_bytes 100\n"));
         assert!(text.contains("kasksim_backend_queue_depth 2\n"));
+        assert!(
+            text.contains("# TYPE kasksim_abandoned_total counter\nkasksim_abandoned_total 7\n")
+        );
     }
 
     #[test]

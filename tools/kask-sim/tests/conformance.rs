@@ -618,6 +618,48 @@ fn backend_queue_builds_beyond_parallelism() {
     );
 }
 
+/// Clients that go away while their request waits for a backend worker (as Envoy does when
+/// its route times out) cost the backend nothing: Kask's Go server cancels the request's
+/// context, kask-sim drops the queued job and counts it.
+#[test]
+fn queued_requests_of_departed_clients_are_dropped() {
+    let dir = TempDir::new("abandon");
+    let s = Server::start(
+        &dir,
+        &[
+            "--backend-parallelism",
+            "1",
+            "--service-time-ms",
+            "300",
+            "--service-time-dist",
+            "const",
+        ],
+    );
+    // One request holds the only worker; ten more queue behind it, then their clients leave.
+    let port = s.port;
+    let first = std::thread::spawn(move || request(port, "GET", "/sessions/v1/first", None).status);
+    std::thread::sleep(Duration::from_millis(50));
+    let parked = park_requests(s.port, 10);
+    assert_eq!(parked.len(), 10);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(metric(&s.metrics(), "kasksim_backend_queue_depth") >= 10.0);
+    drop(parked);
+    // Served right after the first job, not after ten dead ones (3 s).
+    let started = Instant::now();
+    assert_eq!(s.get("/sessions/v1/last").status, 404);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(1500), "waited {waited:?}");
+    assert_eq!(first.join().expect("thread"), 404);
+    let m = s.metrics();
+    assert_eq!(metric(&m, "kasksim_abandoned_total"), 10.0, "{m}");
+    assert_eq!(metric(&m, "kasksim_backend_queue_depth"), 0.0);
+    // Kask's middleware never records a request whose handler did not finish.
+    assert_eq!(
+        metric(&m, "http_requests_total{code=\"404\",method=\"GET\"}"),
+        2.0
+    );
+}
+
 // ---------------------------------------------------------------- memory model
 
 #[test]
@@ -644,6 +686,44 @@ fn memory_limit_kills_with_sigkill() {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
     let log = s.proc.stderr();
     assert!(log.contains("memory limit exceeded"), "{log}");
+}
+
+/// Go's heap-in-use + stack-in-use cover ~30 KB of the ~33-34 KB Kask holds resident per
+/// in-flight request (at 2,000-5,000 in flight); kask-sim's gauges must follow a surge in the same proportion, or a
+/// shedder deciding on them would react later than it would in front of Kask.
+#[test]
+fn inuse_gauges_follow_rss_like_kask() {
+    let dir = TempDir::new("inuse");
+    let s = Server::start(&dir, &["--get-delay-ms", "20000"]);
+    let inuse = |m: &str| {
+        metric(m, "go_memstats_heap_inuse_bytes") + metric(m, "go_memstats_stack_inuse_bytes")
+    };
+    let m0 = s.metrics();
+    let parked = park_requests(s.port, 1000);
+    assert_eq!(parked.len(), 1000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m1 = loop {
+        let m = s.metrics();
+        if metric(&m, "kasksim_inflight_requests") > 1000.0 || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rss_growth =
+        metric(&m1, "process_resident_memory_bytes") - metric(&m0, "process_resident_memory_bytes");
+    let inuse_growth = inuse(&m1) - inuse(&m0);
+    let per_request = rss_growth / 1000.0;
+    let share = inuse_growth / rss_growth;
+    assert!(
+        (28_000.0..48_000.0).contains(&per_request),
+        "RSS per in-flight request {per_request}"
+    );
+    assert!((0.8..=1.0).contains(&share), "in-use / RSS growth {share}");
+    // Stack is ~2/5 of in-use growth, as Kask's ~12 KB of ~30 KB.
+    let stack_growth =
+        metric(&m1, "go_memstats_stack_inuse_bytes") - metric(&m0, "go_memstats_stack_inuse_bytes");
+    assert!((0.35..0.45).contains(&(stack_growth / inuse_growth)));
+    drop(parked);
 }
 
 #[test]
