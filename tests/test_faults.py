@@ -341,3 +341,29 @@ def test_oversized_requests_are_refused_by_envoy_before_the_filter(sidecar):
     # Only the two long-path GETs reached the filter; the 200 oversized ones did not.
     assert after - before == 2, (before, after)
     assert_healthy(proxy)
+
+
+def test_memory_shadow_mode_counts_without_shedding(kask, envoy, faults):
+    """`memory.enforce: false`: the store reports 99% of its limit, nothing is shed, and
+    `sessionguard.shadow.memory` counts what would have been."""
+    limit = 400 * 1024 * 1024
+    faults.metrics_body = (
+        f"process_resident_memory_bytes {int(limit * 0.99)}\n"
+        f"go_memstats_heap_inuse_bytes {int(limit * 0.66)}\n"
+        f"go_memstats_stack_inuse_bytes {int(limit * 0.33)}\n").encode()
+    cfg = plugin(memory={
+        "enabled": True, "enforce": False, "memory_limit_bytes": limit, "poll_interval_ms": 200,
+        "endpoints": [{"cluster": "metrics", "path": "/metrics", "authority": "kask"}]})
+    store = kask()
+    conf = harness.localize(harness.load_config("sidecar.yaml"),
+                            upstreams={"sessionstore": [store.port]}, plugin=cfg)
+    conf["static_resources"]["clusters"].append(faultmix.fault_cluster("metrics", faults.port))
+    proxy = envoy(conf)
+    harness.wait_for(lambda: proxy.stats().get("sessionguard.memory.ratio_permille", 0) > 900, 10,
+                     "the 99% sample to arrive")
+    statuses = [harness.request(proxy.port, "GET", f"/sessions/v1/shadow-{i}").status
+                for i in range(100)]
+    assert statuses == [404] * 100, statuses
+    harness.wait_for(lambda: proxy.stats().get("sessionguard.shadow.memory", 0) >= 90, 5,
+                     "shadow counter")
+    assert proxy.stats().get("sessionguard.shed.memory.sheddable", 0) == 0
