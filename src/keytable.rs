@@ -69,7 +69,7 @@
 use serde::Deserialize;
 
 use crate::config::{check_range, field, ConfigError};
-use crate::fingerprint::splitmix64;
+use crate::rng::Rng;
 use crate::shared::{SetError, SharedStore};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -513,34 +513,16 @@ pub struct TableStats {
     pub rebuilt: u64,
 }
 
-/// A small xorshift64* generator (not cryptographic): fresh generations and jumps.
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
+/// 32 random bits: fresh generations.
+fn next_u32(rng: &mut Rng) -> u32 {
+    (rng.next_u64() >> 32) as u32
+}
 
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(splitmix64(seed) | 1)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-
-    /// A random distance in [2^24, 2^32 - 2^24): far from any generation a reader could
-    /// have seen recently, in either direction.
-    fn jump(&mut self) -> u32 {
-        const MARGIN: u32 = 1 << 24;
-        MARGIN + self.next_u32() % (u32::MAX - 2 * MARGIN)
-    }
+/// A random distance in [2^24, 2^32 - 2^24): far from any generation a reader could
+/// have seen recently, in either direction.
+fn jump(rng: &mut Rng) -> u32 {
+    const MARGIN: u32 = 1 << 24;
+    MARGIN + next_u32(rng) % (u32::MAX - 2 * MARGIN)
 }
 
 /// Creates `key` with `value` only if it does not exist yet; `Ok(false)` if it does.
@@ -712,7 +694,7 @@ impl KeyTable {
         bytes[..SHARD_HEADER_BYTES].copy_from_slice(&self.layout.header());
         for b in 0..self.layout.buckets {
             let at = self.layout.bucket_range(b).start;
-            bytes[at..at + 4].copy_from_slice(&self.rng.next_u32().to_le_bytes());
+            bytes[at..at + 4].copy_from_slice(&next_u32(&mut self.rng).to_le_bytes());
         }
         bytes
     }
@@ -721,7 +703,7 @@ impl KeyTable {
     /// the table's memory is allocated at start-up. Costs 2 + `shards` hostcalls; shards
     /// that exist are left untouched. Returns how many were created.
     pub fn create_all<S: SharedStore + ?Sized>(&mut self, store: &S) -> Result<u32, SetError> {
-        self.create_all_with(store, |rng, _| rng.next_u32())
+        self.create_all_with(store, |rng, _| next_u32(rng))
     }
 
     pub(crate) fn create_all_with<S, G>(
@@ -864,7 +846,7 @@ impl KeyTable {
             };
             let mut view = ShardMut::new(&mut bytes, self.layout, now_ms);
             for b in 0..self.layout.buckets {
-                let jump = self.rng.jump();
+                let jump = jump(&mut self.rng);
                 #[cfg(test)]
                 let jump = if self.sabotage_no_jump { 0 } else { jump };
                 let mut bucket = view.bucket(b);
@@ -931,6 +913,7 @@ impl KeyTable {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::fingerprint::splitmix64;
     use crate::shared::MemStore;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -1275,7 +1258,7 @@ pub(crate) mod tests {
     fn rng_jumps_stay_far_from_zero() {
         let mut r = Rng::new(0);
         for _ in 0..100_000 {
-            let j = r.jump();
+            let j = jump(&mut r);
             assert!((1 << 24..=u32::MAX - (1 << 24)).contains(&j));
         }
     }
