@@ -68,13 +68,8 @@ impl Http {
     }
 
     fn send(&mut self, reply: &Reply, details: &str) {
-        let headers: Vec<(&str, &[u8])> = reply
-            .headers
-            .iter()
-            .map(|(k, v)| (*k, v.as_bytes()))
-            .collect();
         // If the host refuses, the request continues upstream: fail open.
-        if abi::send_local_response(reply.status, details, &headers, &reply.body).is_ok() {
+        if send_reply(reply, details) {
             self.local = true;
         }
     }
@@ -163,6 +158,16 @@ fn is_store_problem() -> bool {
     )
 }
 
+/// Sends `reply` as the current context's local reply; false if the host refused.
+fn send_reply(reply: &Reply, details: &str) -> bool {
+    let headers: Vec<(&str, &[u8])> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_bytes()))
+        .collect();
+    abi::send_local_response(reply.status, details, &headers, &reply.body).is_ok()
+}
+
 /// Answers (`found_missing`) or releases paused waiters, then returns the host's
 /// attention to the context `back_to`.
 pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
@@ -177,13 +182,10 @@ pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
             continue;
         }
         let answered = found_missing && {
-            let reply = reply::cached_not_found(&waiter.path);
-            let headers: Vec<(&str, &[u8])> = reply
-                .headers
-                .iter()
-                .map(|(k, v)| (*k, v.as_bytes()))
-                .collect();
-            abi::send_local_response(404, "sessionguard_coalesced", &headers, &reply.body).is_ok()
+            send_reply(
+                &reply::cached_not_found(&waiter.path),
+                "sessionguard_coalesced",
+            )
         };
         if answered {
             w.counts.coalesced += 1;
