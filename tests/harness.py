@@ -236,9 +236,12 @@ class Envoy:
         self.ports: dict[str, int] = {}
 
     def start(self) -> "Envoy":
+        # SG_ENVOY_LOG=wasm:info,router:debug,upstream:trace (with SG_KEEP_WORKDIR=1) keeps
+        # the logs that show which worker sent a request where.
+        components = os.environ.get("SG_ENVOY_LOG", "wasm:info")
         self.proc = spawn([ENVOY, "-c", self.config_path, "--concurrency", str(self.concurrency),
                            "--disable-hot-restart", "--admin-address-path", self.admin_path,
-                           "--component-log-level", "wasm:info", "--log-level", "warning"],
+                           "--component-log-level", components, "--log-level", "warning"],
                           self.log)
         wait_for(lambda: (self.admin_path.exists() and self.admin_path.read_text().strip())
                  or self.proc.poll() is not None, 30, f"envoy admin (log {self.log})")
