@@ -71,6 +71,17 @@
 //! - **Tick:** the heartbeat/reclaim write and the gradient merge are retried on the
 //!   next tick; local RTT samples are kept until they are merged.
 //!
+//! # Deferred releases
+//!
+//! A release costs a read and a CAS write, and under steady traffic the VM's next
+//! acquire writes its exact count anyway. So while the limit is 16 or more, a VM may
+//! leave up to `limit / 16` ([`DEFER_DIVISOR`]) releases unwritten: the next acquire,
+//! a release past that allowance or the next tick writes them. Until then the table
+//! overstates this VM by at most `limit / 16`: other VMs may shed that much early,
+//! for at most one tick; nothing is ever admitted beyond the limit. Each VM's own
+//! decisions use its exact count. Below 16 (small fixed limits, where one slot
+//! matters) every release is written at once.
+//!
 //! # Priorities
 //!
 //! Critical requests may use the whole limit. Sheddable ones may occupy at most
@@ -212,6 +223,9 @@ const HEADER_LEN: usize = 8;
 const SLOT_LEN: usize = 24;
 /// Weight of one decision in the moving shed fraction behind `severity`.
 const SHED_EWMA_WEIGHT: f64 = 1.0 / 32.0;
+
+/// A VM may leave `limit / DEFER_DIVISOR` releases unwritten (module docs).
+pub const DEFER_DIVISOR: u32 = 16;
 
 /// In-flight requests by criticality.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -361,6 +375,8 @@ pub struct LimiterStats {
     pub pending_sync: bool,
     /// Acquisitions refused because the table had no room for a new VM slot.
     pub table_full: u64,
+    /// Releases left for a later write (see "Deferred releases").
+    pub releases_deferred: u64,
     /// Releases with nothing in flight for that class: a host bug; ignored.
     pub release_underflows: u64,
     /// Permits from another limiter instance (e.g. before a re-creation); ignored.
@@ -492,8 +508,10 @@ pub struct Limiter {
     sheddable_cap: u32,
     /// Permits this VM holds: the truth its slot must show.
     local: InFlight,
-    /// The table may not show `local` (a write gave up).
+    /// The table may not show `local` (a write gave up, or releases were deferred).
     dirty: bool,
+    /// Releases not yet written; while > 0, they are the only reason for `dirty`.
+    deferred: u32,
     window: RttHistogram,
     peak: u32,
     shed_ewma: f64,
@@ -519,6 +537,7 @@ impl Limiter {
             sheddable_cap: 0,
             local: InFlight::default(),
             dirty: false,
+            deferred: 0,
             window: RttHistogram::new(),
             peak: 0,
             shed_ewma: 0.0,
@@ -576,6 +595,20 @@ impl Limiter {
             1.0
         };
         self.apply_pressure();
+    }
+
+    /// Records whether the table may differ from `local` after a write (attempt):
+    /// either way no deferred release is outstanding any more, and a give-up makes the
+    /// next release write at once.
+    fn set_dirty(&mut self, dirty: bool) {
+        self.dirty = dirty;
+        self.deferred = 0;
+    }
+
+    /// Whether a release may be left for a later write (module docs).
+    fn may_defer_release(&self) -> bool {
+        let only_deferrals = !self.dirty || self.deferred > 0;
+        only_deferrals && self.deferred < self.limit / DEFER_DIVISOR
     }
 
     /// The limit currently enforced by this VM.
@@ -669,7 +702,7 @@ impl Limiter {
             match store.set(INFLIGHT_KEY, &buf, cas) {
                 Ok(()) => {
                     self.local = want;
-                    self.dirty = false;
+                    self.set_dirty(false);
                     self.saw(others.plus(want));
                     self.peak = self.peak.max(others.plus(want).total());
                     return self.admitted(crit, fits);
@@ -689,16 +722,14 @@ impl Limiter {
             return self.shed(crit);
         }
         self.local = want;
-        self.dirty = true;
+        self.set_dirty(true);
         self.stats.untracked_admits += 1;
-        self.stats.pending_sync = true;
         let fits = last_fit && crit == Criticality::Critical;
         self.admitted(crit, fits)
     }
 
     fn admitted(&mut self, crit: Criticality, fits: bool) -> Acquire {
         self.stats.local_in_flight = self.local.total();
-        self.stats.pending_sync = self.dirty;
         if fits {
             self.note_decision(false);
             self.stats.admitted += 1;
@@ -745,6 +776,12 @@ impl Limiter {
         }
         *count -= 1;
         self.stats.local_in_flight = self.local.total();
+        if self.may_defer_release() {
+            self.dirty = true;
+            self.deferred += 1;
+            self.stats.releases_deferred += 1;
+            return;
+        }
         match self.sync_in_place(store, now_ms) {
             Sync::Done => {}
             Sync::GaveUp { full: true } => self.stats.table_full += 1,
@@ -765,13 +802,11 @@ impl Limiter {
                 self.saw(s.others.plus(self.local));
                 let stored = s.mine.map(|(_, c)| c).unwrap_or_default();
                 if stored == self.local {
-                    self.dirty = false;
-                    self.stats.pending_sync = false;
+                    self.set_dirty(false);
                     return Sync::Done;
                 }
             } else if cas.is_none() && self.local.is_zero() {
-                self.dirty = false;
-                self.stats.pending_sync = false;
+                self.set_dirty(false);
                 return Sync::Done;
             }
             if !write_mine(&mut buf, scanned, self.id, now_ms, self.local) {
@@ -780,16 +815,14 @@ impl Limiter {
             }
             match store.set(INFLIGHT_KEY, &buf, cas) {
                 Ok(()) => {
-                    self.dirty = false;
-                    self.stats.pending_sync = false;
+                    self.set_dirty(false);
                     return Sync::Done;
                 }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Host) => break,
             }
         }
-        self.dirty = true;
-        self.stats.pending_sync = true;
+        self.set_dirty(true);
         Sync::GaveUp { full }
     }
 
@@ -904,15 +937,14 @@ impl Limiter {
         match result {
             Ok(Some(())) => {
                 self.stats.stale_slots_reclaimed += reclaimed;
-                self.dirty = !mine_written;
+                self.set_dirty(!mine_written);
             }
-            Ok(None) => self.dirty = false,
+            Ok(None) => self.set_dirty(false),
             Err(_) => {
                 self.stats.cas_giveups_tick += 1;
-                self.dirty = true;
+                self.set_dirty(true);
             }
         }
-        self.stats.pending_sync = self.dirty;
     }
 
     /// Gauges and counters for metrics.
@@ -991,6 +1023,64 @@ mod tests {
             n > 0
         });
         left
+    }
+
+    #[test]
+    fn releases_are_deferred_up_to_a_sixteenth_of_the_limit() {
+        let store = MemStore::new();
+        let mut a = Limiter::new(&fixed(64, 1.0), 8, 1);
+        let mut b = Limiter::new(&fixed(64, 1.0), 8, 2);
+        let mut permits: Vec<_> = (0..60).map(|_| ok(a.try_acquire(&store, C, 0))).collect();
+        let writes = store.writes();
+        // 64 / 16 = 4 releases stay unwritten: the table overstates A by 4.
+        for _ in 0..4 {
+            a.release(&store, permits.pop().unwrap(), done(1.0), 1);
+        }
+        assert_eq!(store.writes(), writes, "deferred releases write nothing");
+        assert_eq!((global(&store), a.local_in_flight().total()), (60, 56));
+        assert!(a.stats().pending_sync);
+        // B sees the overstated table: at most 4 early sheds, never an admission too many.
+        let mut bp: Vec<_> = (0..4).map(|_| ok(b.try_acquire(&store, C, 1))).collect();
+        assert!(matches!(b.try_acquire(&store, C, 1), Acquire::Shed { .. }));
+        // A's own decisions use its exact count, and its next write carries the releases.
+        permits.push(ok(a.try_acquire(&store, C, 2)));
+        assert_eq!(global(&store), 57 + 4);
+        // The fifth release in a row is written at once.
+        for _ in 0..5 {
+            a.release(&store, permits.pop().unwrap(), done(1.0), 3);
+        }
+        assert_eq!(global(&store), 57 - 5 + 4, "the fifth release wrote all five");
+        // A tick writes whatever is deferred.
+        a.release(&store, permits.pop().unwrap(), done(1.0), 4);
+        assert_eq!(global(&store), 57 - 5 + 4);
+        a.tick(&store, 5, true);
+        assert_eq!(global(&store), 57 - 6 + 4);
+        assert!(!a.stats().pending_sync);
+        for p in permits.drain(..).chain(bp.drain(..)) {
+            let l = if a.local_in_flight().total() > 0 { &mut a } else { &mut b };
+            l.release(&store, p, done(1.0), 6);
+        }
+        a.tick(&store, 7, true);
+        b.tick(&store, 7, false);
+        assert_eq!(global(&store), 0);
+        assert!(a.stats().releases_deferred >= 5);
+    }
+
+    #[test]
+    fn a_give_up_is_never_hidden_by_a_deferral() {
+        let store = MemStore::new();
+        let left = conflicts(&store);
+        let mut l = Limiter::new(&fixed(64, 1.0), 2, 1);
+        let mut permits: Vec<_> = (0..3).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
+        // A critical admission whose CAS loop gives up is untracked: the table shows 3.
+        left.set(2);
+        permits.push(ok(l.try_acquire(&store, C, 0)));
+        assert_eq!((global(&store), l.stats().untracked_admits), (3, 1));
+        // The next release must write (reconciling the untracked admission), not defer.
+        l.release(&store, permits.pop().unwrap(), done(1.0), 1);
+        assert_eq!(global(&store), 3);
+        assert!(!l.stats().pending_sync);
+        assert_eq!(l.stats().releases_deferred, 0);
     }
 
     #[test]
@@ -1282,12 +1372,15 @@ mod tests {
         ));
         let p = ok(extra.try_acquire(&store, C, 0));
         assert_eq!(extra.stats().table_full, 2);
+        // With a limit this high releases are deferred: the VMs' ticks write them.
         for (w, p) in ws.iter_mut().zip(held) {
             w.release(&store, p, done(1.0), 1);
+            w.tick(&store, 1, false);
         }
         extra.tick(&store, 2, false);
         assert_eq!(global(&store), 1);
         extra.release(&store, p, done(1.0), 3);
+        extra.tick(&store, 3, false);
         assert_eq!(global(&store), 0);
     }
 
@@ -1556,6 +1649,26 @@ mod tests {
                     prop_assert!(s <= 3, "{} sheddable in flight", s);
                     let table = read_in_flight(&sim.store).unwrap_or_default();
                     prop_assert_eq!(table, InFlight { critical: c, sheddable: s });
+                }
+                sim.drain();
+            }
+
+            /// A limit high enough for deferred releases: never above the limit or the
+            /// share, and the table overstates each VM by at most limit / 16, never
+            /// understates it.
+            #[test]
+            fn deferred_releases_only_overstate_and_by_a_bounded_amount(
+                ops in proptest::collection::vec(op(4, 3), 1..400),
+            ) {
+                let mut sim = Sim::new(4, fixed(32, 0.5));
+                for op in &ops {
+                    sim.apply(op);
+                    let (c, s) = sim.true_in_flight();
+                    prop_assert!(c + s <= 32, "{} in flight", c + s);
+                    prop_assert!(s <= 16, "{} sheddable in flight", s);
+                    let table = read_in_flight(&sim.store).unwrap_or_default();
+                    prop_assert!(table.critical >= c && table.sheddable >= s, "{:?} < ({}, {})", table, c, s);
+                    prop_assert!(table.total() - (c + s) <= 4 * (32 / DEFER_DIVISOR), "{:?} vs {}", table, c + s);
                 }
                 sim.drain();
             }

@@ -33,6 +33,9 @@ pub struct Http {
     write: Option<WriteTicket>,
     permit: Option<Permit>,
     started_ns: u64,
+    /// The clock at the last callback that read it, so that `on_log` reads it again
+    /// only when the stream ended without response headers.
+    seen_ms: u64,
     rtt_ms: Option<f64>,
     status: Option<u32>,
     /// Answered at the proxy (shed, cached 404, a leader's 404): the store was not asked.
@@ -57,6 +60,7 @@ impl Http {
             write: None,
             permit: None,
             started_ns: 0,
+            seen_ms: 0,
             rtt_ms: None,
             status: None,
             local: false,
@@ -208,8 +212,6 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let now_ns = abi::now_ns();
-        let now_ms = now_ns / 1_000_000;
         let method = request_header(":method");
         let raw_path = request_header(":path");
         let path = std::str::from_utf8(&raw_path).unwrap_or("");
@@ -229,6 +231,9 @@ impl HttpContext for Http {
             w.counts.requests[Class::Other.index()] += 1;
             return Action::Continue;
         }
+        let now_ns = abi::now_ns();
+        let now_ms = now_ns / 1_000_000;
+        self.seen_ms = now_ms;
         self.fp = request.key.as_deref().map(|k| w.cache.fingerprint(k));
 
         let mut known = false;
@@ -303,6 +308,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if self.op == Op::Other {
+            return Action::Continue;
+        }
         let worker = self.worker.clone();
         let mut w = worker.borrow_mut();
         if let Some(answered) = w.answered.remove(&self.id) {
@@ -314,6 +322,7 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let now_ns = abi::now_ns();
+        self.seen_ms = now_ns / 1_000_000;
         self.status = abi::header(Headers::Response, ":status")
             .ok()
             .flatten()
@@ -326,9 +335,11 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        if self.op == Op::Other {
+            return;
+        }
         let worker = self.worker.clone();
         let mut w = worker.borrow_mut();
-        let now_ms = abi::now_ns() / 1_000_000;
         if let Some(answered) = w.answered.remove(&self.id) {
             self.local = answered;
         }
@@ -344,6 +355,13 @@ impl HttpContext for Http {
                 Some(status) => Ending::Response(status),
                 None => Ending::DownstreamReset,
             }
+        };
+        // A local reply needs no clock, and a response's time is close enough for the
+        // bookkeeping below; a stream that never got one may have lasted long.
+        let now_ms = if ending == Ending::DownstreamReset {
+            abi::now_ns() / 1_000_000
+        } else {
+            self.seen_ms
         };
         // A stream that never got response headers still ends its write and frees its waiters.
         self.on_response(&mut w, None, now_ms);
