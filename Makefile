@@ -39,7 +39,7 @@ demo: build
 	.venv/bin/python scripts/demo.py
 
 # Throughput, latency and CPU per request against the no-op filter and native Envoy
-# (~10 minutes; installs wrk if missing), then the pure-core microbenchmarks; writes
+# (~14 minutes; installs wrk if missing), then the pure-core microbenchmarks; writes
 # docs/perf.md. bench-quick is the smoke variant (1 x 2 s per case, out/perf-quick.md):
 # it checks that every case ran and produced numbers, never how fast.
 bench: build

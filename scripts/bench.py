@@ -6,7 +6,9 @@ pinned to core 0) runs each configuration; wrk (closed loop, fixed connections) 
 the upstream (a second Envoy answering with `direct_response`, so the store costs
 next to nothing) share core 1. Every case runs `--reps` times, interleaved (case A,
 B, C, A, B, C, ...) so that drift on the machine hits all cases alike, and the
-median is reported.
+median is reported. A round still spans minutes, so the four target comparisons are
+then measured again as duels: the two cases alone, in short back-to-back runs in the
+order A B B A A B B A ..., one ratio per adjacent pair.
 
 Cases: bare Envoy; the no-op wasm filter (ABI floor); sessionguard's pass path, write
 path, negative-cache hit and shed path; Envoy's own admission_control and
@@ -18,9 +20,11 @@ response of the run must have the expected class, and for sessionguard the filte
 own counters must have grown by the number of requests (a crashed VM under
 FAIL_OPEN would otherwise look like a very fast filter).
 
-    scripts/bench.py            full run (3 x 10 s per case), writes docs/perf.md,
-                                then the pure-core microbenchmarks (cargo bench)
-    scripts/bench.py --quick    smoke run (1 x 2 s per case), writes out/perf-quick.md;
+    scripts/bench.py            full run (3 x 10 s per case, duels of 6 pairs x 3 s),
+                                writes docs/perf.md, then the pure-core
+                                microbenchmarks (cargo bench)
+    scripts/bench.py --quick    smoke run (1 x 2 s per case, duels of 2 pairs x 1 s),
+                                writes out/perf-quick.md;
                                 checks that every case ran and produced numbers,
                                 asserts nothing about speed
 
@@ -427,18 +431,19 @@ class Sample:
     filter_seen: float | None
 
 
-def measure(args, workdir: Path, case: Case, proxy: Proxy, upstream: Proxy, rep: int) -> Sample:
+def measure(args, workdir: Path, case: Case, proxy: Proxy, upstream: Proxy, tag: str,
+            warmup: float, duration: float) -> Sample:
     e = proxy.envoy
     problem = probe(case, e.port)
     if problem:
         raise RuntimeError(f"{case.name}: {problem}")
     # Warm-up: connections, V8 tiers, caches, the adaptive limit.
-    run_wrk(args, workdir, case, e.port, args.warmup, f"wrk-{case.name}-{rep}-warm.log")
+    run_wrk(args, workdir, case, e.port, warmup, f"wrk-{case.name}-{tag}-warm.log")
     time.sleep(0.25)  # let a tick export the warm-up's counts
     before_stats = stats(e) if case.sessionguard else {}
     cpu_before, up_before, cores_before = process_cpu_ns(e.proc.pid), process_cpu_ns(upstream.envoy.proc.pid), cpu_times()
     t0 = time.monotonic()
-    result = run_wrk(args, workdir, case, e.port, args.duration, f"wrk-{case.name}-{rep}.log")
+    result = run_wrk(args, workdir, case, e.port, duration, f"wrk-{case.name}-{tag}.log")
     wall = time.monotonic() - t0
     cpu_after, up_after, cores_after = process_cpu_ns(e.proc.pid), process_cpu_ns(upstream.envoy.proc.pid), cpu_times()
     n = result["requests"]
@@ -476,6 +481,86 @@ def measure(args, workdir: Path, case: Case, proxy: Proxy, upstream: Proxy, rep:
     )
 
 
+def sample_problems(case: Case, x: Sample) -> list[str]:
+    """What makes a run's numbers not mean what they say (nothing about speed)."""
+    out = []
+    if not (x.rps > 0 and x.p50_ms > 0 and x.p99_ms >= x.p50_ms and x.requests > 0):
+        out.append(f"{case.name}: incomplete numbers {x}")
+    if case.name != "native-adaptive" and x.unexpected > 0.001 * x.requests:
+        out.append(f"{case.name}: {x.unexpected} of {x.requests} responses were not {case.expect}")
+    if case.sessionguard and (x.filter_seen is None or x.filter_seen < 0.95):
+        out.append(f"{case.name}: sessionguard counted {fmt(x.filter_seen and 100 * x.filter_seen)}% "
+                   f"of the requests in `{case.counter}`")
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Duels: the target comparisons, back to back
+# ---------------------------------------------------------------------------------
+
+# (target, case, baseline, least acceptable throughput of the case / the baseline's)
+TARGETS = [
+    ("pass path >= 0.90x the no-op filter", "sg-pass", "noop", 0.90),
+    ("write path >= 0.90x the no-op filter (POST)", "sg-write", "noop-post", 0.90),
+    ("negative-cache hit >= 1.5x the pass path", "sg-neg-hit", "sg-pass", 1.5),
+    ("shed >= 1.5x the pass path", "sg-shed", "sg-pass", 1.5),
+]
+# The proxies are warm from the rounds; this re-opens wrk's connections and lets the
+# adaptive limit settle after the proxy sat idle during the other case's run.
+DUEL_WARMUP = 1
+
+Pair = tuple[Sample, Sample]  # (case, baseline), whichever of the two ran first
+
+
+def duel(args, workdir: Path, case: Case, base: Case, proxies: dict[str, Proxy], upstream: Proxy) -> list[Pair]:
+    """`--duel-pairs` pairs of adjacent runs, in the order A B, B A, A B, ...: the two runs
+    of a pair are seconds apart, and a drift that is linear in time favours the first run
+    of a pair as often as the second, so it cancels out over the pairs."""
+    pairs = []
+    for i in range(args.duel_pairs):
+        order = (case, base) if i % 2 == 0 else (base, case)
+        got = {c.name: measure(args, workdir, c, proxies[c.proxy], upstream, f"duel{i}", DUEL_WARMUP,
+                               args.duel_seconds) for c in order}
+        pairs.append((got[case.name], got[base.name]))
+        rps, cpu = duel_ratios(pairs[-1:])
+        print(f"bench: duel {case.name} vs {base.name} [{i + 1}/{args.duel_pairs}, {order[0].name} first]: "
+              f"throughput {spread(rps)}, implied by proxy CPU {spread(cpu)}", flush=True)
+    return pairs
+
+
+def run_duels(args, workdir: Path, selected: list[Case], proxies: dict[str, Proxy], upstream: Proxy,
+              failures: list[str]) -> dict[tuple[str, str], list[Pair]]:
+    """A duel for each target whose two cases were both selected (their proxies are up)."""
+    chosen = {c.name: c for c in selected}
+    duels = {}
+    for _, a, b, _ in TARGETS:
+        missing = [n for n in (a, b) if n not in chosen]
+        if missing:
+            print(f"bench: duel {a} vs {b} skipped: {', '.join(missing)} not among the cases", flush=True)
+            continue
+        try:
+            duels[(a, b)] = duel(args, workdir, chosen[a], chosen[b], proxies, upstream)
+        except Exception as exc:  # noqa: BLE001 - report every duel, fail at the end
+            failures.append(f"duel {a} vs {b}: {exc}")
+            print(f"bench: duel {a} vs {b}: FAILED: {exc}", flush=True)
+    return duels
+
+
+def duel_ratios(pairs: list[Pair]) -> tuple[list[float], list[float]]:
+    """Per pair: the case's throughput / the baseline's, and the same ratio as the proxy's CPU
+    per request implies it (baseline µs / case µs), which does not depend on how busy the load
+    generator kept the proxy."""
+    rps = [x.rps / y.rps for x, y in pairs if y.rps]
+    cpu = [y.cpu_us / x.cpu_us for x, y in pairs if x.cpu_us and y.cpu_us]
+    return rps, cpu
+
+
+def spread(ratios: list[float]) -> str:
+    if not ratios:
+        return "–"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 # ---------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------
@@ -506,12 +591,14 @@ def envoy_version() -> str:
     return m.group(1) if m else "unknown"
 
 
+def round_ratios(samples: dict[str, list[Sample]], a: str, b: str) -> list[float]:
+    """a's throughput / b's in each round (rounds are interleaved, so the two ran seconds to a
+    minute apart): drift of the machine between rounds cancels out, drift within one does not."""
+    return [x.rps / y.rps for x, y in zip(samples.get(a) or [], samples.get(b) or []) if y.rps]
+
+
 def paired_ratio(samples: dict[str, list[Sample]], a: str, b: str) -> float | None:
-    """Median over runs of a's throughput / b's in the same round (rounds are interleaved, so
-    the two ran seconds apart): drift of the machine between rounds cancels out."""
-    xs, ys = samples.get(a) or [], samples.get(b) or []
-    ratios = [x.rps / y.rps for x, y in zip(xs, ys) if y.rps]
-    return statistics.median(ratios) if ratios else None
+    return med(round_ratios(samples, a, b))
 
 
 def results_table(samples: dict[str, list[Sample]], group: str = "main") -> tuple[list[str], dict[str, dict]]:
@@ -556,19 +643,19 @@ def results_table(samples: dict[str, list[Sample]], group: str = "main") -> tupl
     return lines, rows
 
 
-def targets(samples: dict[str, list[Sample]]) -> list[str]:
+def targets(samples: dict[str, list[Sample]], duels: dict[tuple[str, str], list[Pair]]) -> list[str]:
+    """Table rows. The verdict is the duel's median throughput ratio; the rounds' only when there
+    was no duel (`--duel-pairs 0`), and then it says so."""
     out = []
-    checks = [
-        ("pass path >= 0.90x the no-op filter", "sg-pass", "noop", 0.90),
-        ("write path >= 0.90x the no-op filter (POST)", "sg-write", "noop-post", 0.90),
-        ("negative-cache hit >= 1.5x the pass path", "sg-neg-hit", "sg-pass", 1.5),
-        ("shed >= 1.5x the pass path", "sg-shed", "sg-pass", 1.5),
-    ]
-    for what, a, b, want in checks:
-        ratio = paired_ratio(samples, a, b)
-        if ratio is not None:
-            each = " / ".join(f"{x.rps / y.rps:.2f}" for x, y in zip(samples[a], samples[b]) if y.rps)
-            out.append(f"| {what} | {ratio:.2f}x | {each} | {'met' if ratio >= want else '**not met**'} |")
+    for what, a, b, want in TARGETS:
+        rounds = round_ratios(samples, a, b)
+        rps, cpu = duel_ratios(duels.get((a, b), []))
+        ratio = med(rps) if rps else med(rounds)
+        if ratio is None:
+            continue
+        verdict = ("met" if ratio >= want else "**not met**") + ("" if rps else " (by rounds)")
+        each = f"{med(rounds):.2f}x ({' / '.join(f'{r:.2f}' for r in rounds)})" if rounds else "–"
+        out.append(f"| {what} | {spread(rps)} | {spread(cpu)} | {each} | {verdict} |")
     return out
 
 
@@ -669,10 +756,15 @@ def run_criterion(quick: bool) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 x 2 s per case (after 1 s of warm-up), no criterion")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 x 2 s per case (after 1 s of warm-up), duels of 2 pairs x 1 s, no criterion")
     ap.add_argument("--reps", type=int, help="runs per case (default 3; quick 1)")
     ap.add_argument("--duration", type=int, help="seconds per measured run (default 10; quick 2)")
     ap.add_argument("--warmup", type=int, help="seconds of warm-up before each run (default 2; quick 1)")
+    ap.add_argument("--duel-pairs", type=int,
+                    help="pairs of back-to-back runs per target duel (default 6; quick 2; 0: none; "
+                         "an even number balances the order)")
+    ap.add_argument("--duel-seconds", type=int, help="seconds per measured duel run (default 3; quick 1)")
     ap.add_argument("--connections", type=int, default=16, help="wrk connections (closed loop)")
     ap.add_argument("--cases", help="comma-separated subset of: " + ",".join(c.name for c in CASES))
     ap.add_argument("--out", help="report path (default docs/perf.md; quick out/perf-quick.md)")
@@ -688,6 +780,8 @@ def main() -> int:
     args.retries = args.retries if args.retries is not None else (0 if args.quick else 2)
     args.duration = args.duration or (2 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.duel_pairs = args.duel_pairs if args.duel_pairs is not None else (2 if args.quick else 6)
+    args.duel_seconds = args.duel_seconds or (1 if args.quick else 3)
     out_path = Path(args.out) if args.out else ROOT / ("out/perf-quick.md" if args.quick else "docs/perf.md")
     args.pin = args.pin and bool(shutil.which("taskset")) and (os.cpu_count() or 1) >= 2
     selected = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
@@ -719,6 +813,7 @@ def main() -> int:
     memory_ok = True
     upstream = Proxy("upstream", upstream_config())
     proxies: dict[str, Proxy] = {}
+    duels: dict[tuple[str, str], list[Pair]] = {}
     try:
         upstream.envoy = harness.Envoy(workdir, upstream.config, concurrency=1).start()
         if args.pin:
@@ -765,7 +860,8 @@ def main() -> int:
                 label = f"[{rep + 1}/{args.reps}] {case.name}"
                 for attempt in range(args.retries + 1):
                     try:
-                        s = measure(args, workdir, case, proxies[case.proxy], upstream, rep)
+                        s = measure(args, workdir, case, proxies[case.proxy], upstream, str(rep),
+                                    args.warmup, args.duration)
                     except Exception as exc:  # noqa: BLE001 - report every case, fail at the end
                         failures.append(f"{label}: {exc}")
                         print(f"bench: {label}: FAILED: {exc}", flush=True)
@@ -782,6 +878,7 @@ def main() -> int:
                     time.sleep(2)
                 if s is not None:
                     samples.setdefault(case.name, []).append(s)
+        duels = run_duels(args, workdir, selected, proxies, upstream, failures)
     finally:
         for p in proxies.values():
             if p.envoy:
@@ -797,18 +894,21 @@ def main() -> int:
         if len(s) != args.reps:
             failures.append(f"{case.name}: {len(s)} of {args.reps} runs produced numbers")
             continue
-        for x in s:
-            if not (x.rps > 0 and x.p50_ms > 0 and x.p99_ms >= x.p50_ms and x.requests > 0):
-                failures.append(f"{case.name}: incomplete numbers {x}")
-            if case.name != "native-adaptive" and x.unexpected > 0.001 * x.requests:
-                failures.append(f"{case.name}: {x.unexpected} of {x.requests} responses were not {case.expect}")
-            if case.sessionguard and (x.filter_seen is None or x.filter_seen < 0.95):
-                failures.append(f"{case.name}: sessionguard counted {fmt(x.filter_seen and 100 * x.filter_seen)}% "
-                                f"of the requests in `{case.counter}`")
+        failures += [p for x in s for p in sample_problems(case, x)]
+    cases = {c.name: c for c in CASES}
+    for (a, b), pairs in duels.items():
+        failures += [f"duel: {p}" for x, y in pairs
+                     for p in sample_problems(cases[a], x) + sample_problems(cases[b], y)]
 
     if retried:
         notes.append(f"Runs measured again because more than {100 * args.max_other:.0f}% of core 0 went to other "
                      f"work (the machine was shared): {'; '.join(retried)}.")
+    # Duel runs are not repeated (that would put time between the two runs of a pair): the
+    # median over pairs absorbs a disturbed one, but the reader should know.
+    disturbed = sum(1 for pairs in duels.values() for pair in pairs for x in pair
+                    if x.other0 is not None and x.other0 > args.max_other)
+    if disturbed:
+        notes.append(f"{disturbed} duel run(s) had more than {100 * args.max_other:.0f}% of core 0 go to other work.")
     steal = [x.steal0 for v in samples.values() for x in v if x.steal0]
     if steal and max(steal) > 0.01:
         notes.append(f"Hypervisor steal on core 0 reached {100 * max(steal):.0f}% in some runs.")
@@ -824,14 +924,16 @@ def main() -> int:
     mech_table, _ = results_table(samples, "mechanism")
     finished = datetime.datetime.now(datetime.timezone.utc)
     report = render(args, command, started, finished, load_start, loadavg(), table, mech_table, rows, samples,
-                    hc, crit, notes, failures) + failures_note
+                    duels, hc, crit, notes, failures) + failures_note
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(report)
-    raw = ROOT / "out" / ("bench-quick-samples.json" if args.quick else "bench-samples.json")
+    raw = ROOT / "out" / ("bench-quick" if args.quick else "bench")
     raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps({k: [vars(x) for x in v] for k, v in samples.items()}, indent=1))
+    Path(f"{raw}-samples.json").write_text(json.dumps({k: [vars(x) for x in v] for k, v in samples.items()}, indent=1))
+    Path(f"{raw}-duels.json").write_text(json.dumps(
+        {f"{a} vs {b}": [{a: vars(x), b: vars(y)} for x, y in pairs] for (a, b), pairs in duels.items()}, indent=1))
     print("\n".join(table))
-    print("\n".join(targets(samples)))
+    print("\n".join(targets(samples, duels)))
     print(f"bench: wrote {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}")
     if failures:
         print("bench: FAILED checks:\n  " + "\n  ".join(failures), file=sys.stderr)
@@ -839,8 +941,8 @@ def main() -> int:
     return 0
 
 
-def render(args, command, started, finished, load_start, load_end, table, mech_table, rows, samples, hc, crit,
-           notes, failures) -> str:
+def render(args, command, started, finished, load_start, load_end, table, mech_table, rows, samples, duels, hc,
+           crit, notes, failures) -> str:
     make = "make bench-quick" if args.quick else "make bench"
     pinned = "every Envoy thread pinned with `taskset -a -p -c 0`; wrk and the upstream on core 1" if args.pin \
         else "not pinned (taskset missing or a single CPU)"
@@ -872,20 +974,21 @@ def render(args, command, started, finished, load_start, load_end, table, mech_t
         "",
         *table,
         "",
-        "`vs no-op` compares with the no-op filter for the same method (GET, or POST for the write path): the headline. "
-        "Ratios are medians of per-round ratios (see Targets); req/s, latency and CPU are medians over runs.",
+        "`vs no-op` compares with the no-op filter for the same method (GET, or POST for the write path). "
+        "Ratios are medians of per-round ratios (the two cases ran seconds to a minute apart); the Targets table "
+        "measures the target pairs again, back to back. req/s, latency and CPU are medians over runs.",
         "",
         READING_NOTE,
         "",
     ]
     if notes:
         lines += [*(f"- {n}" for n in notes), ""]
-    t = targets(samples)
+    t = targets(samples, duels)
     if t:
-        lines += ["## Targets", "",
-                  "Throughput ratios, each the median over rounds of the ratio within a round (the two cases "
-                  "ran seconds apart), so drift of a shared machine between rounds cancels out.", "",
-                  "| target | measured | per round | |", "|---|---:|---|---|", *t, ""]
+        lines += ["## Targets", "", targets_method(args), "",
+                  "| target | duel: throughput ratio, median (min–max) | duel: ratio implied by proxy CPU | "
+                  "rounds: median (each round) | |",
+                  "|---|---:|---:|---|---|", *t, ""]
     cb = cpu_breakdown(rows)
     if cb:
         lines += ["## Where the CPU goes", "", *cb, ""]
@@ -942,11 +1045,24 @@ def render(args, command, started, finished, load_start, load_end, table, mech_t
     return "\n".join(lines)
 
 
+def targets_method(args) -> str:
+    if not args.duel_pairs:
+        return ("Throughput ratios, each the median over rounds of the ratio within a round; no duels were run "
+                "(`--duel-pairs 0`), so the verdicts rest on the rounds.")
+    return (f"Each target is a *duel*: the two cases alone, {args.duel_pairs} pairs of back-to-back runs "
+            f"({args.duel_seconds} s measured after {DUEL_WARMUP} s of warm-up) in the order A B, B A, A B, …, "
+            "so the runs of a pair are seconds apart and drift that is linear in time favours each case equally "
+            "often. Per pair: the throughput ratio, and the ratio the proxy CPU per request implies (the "
+            "baseline's µs / the case's); median and range over the pairs. The verdict is the median throughput "
+            "ratio of the duel; `rounds` repeats the Results table's per-round ratios for comparison.")
+
+
 READING_NOTE = (
     "**Reading these numbers.** On a shared VM the absolute CPU per request can drift by tens of percent "
     "between rounds even when the guest sees no other work on core 0 (contention on the host); the `runs` "
-    "column shows it. Compare cases within a round, as the Targets table does, rather than medians of "
-    "absolute numbers across rounds; small differences in the mechanism table are within that drift.")
+    "column shows it. Compare cases measured close together in time, as the Targets table's duels do, rather "
+    "than medians of absolute numbers across rounds; small differences in the mechanism table are within that "
+    "drift.")
 
 BUG_HTTP_CALL = """
 ## Bugs found
