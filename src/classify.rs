@@ -131,34 +131,60 @@ pub fn classify(method: &str, path: &str, base_uri: &str) -> Request {
         "DELETE" => Op::Delete,
         _ => return other,
     };
-    let Some(raw_key) = path.strip_prefix(base_uri) else {
+    let Some(raw_key) = path.as_bytes().strip_prefix(base_uri.as_bytes()) else {
         return other;
     };
-    if raw_key.contains(['?', '#']) {
+    if find_any(raw_key, QUERY_OR_FRAGMENT).is_some() {
         return other;
     }
-    match percent_decode(raw_key.as_bytes()) {
-        Some(key) if !key.is_empty() && !key.contains(&b'/') => Request { op, key: Some(key) },
+    let mut key = Vec::with_capacity(raw_key.len());
+    match percent_decode_into(raw_key, &mut key) {
+        Some(()) if !key.is_empty() && !key.contains(&b'/') => Request { op, key: Some(key) },
         _ => other,
     }
 }
 
-/// Decodes `%XX` escapes; `None` for a malformed escape (the store rejects those too).
-fn percent_decode(input: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        if input[i] == b'%' {
-            let hi = hex_value(*input.get(i + 1)?)?;
-            let lo = hex_value(*input.get(i + 2)?)?;
-            out.push(hi << 4 | lo);
-            i += 3;
-        } else {
-            out.push(input[i]);
-            i += 1;
-        }
+/// Appends `input` to `out` with its `%XX` escapes decoded; `None` at a malformed escape
+/// (the store rejects those too), with `out` partly written.
+pub(crate) fn percent_decode_into(input: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let mut rest = input;
+    while let Some(at) = find_any(rest, [b'%']) {
+        let (plain, escape) = rest.split_at_checked(at)?;
+        out.extend_from_slice(plain);
+        let [_, hi, lo, tail @ ..] = escape else {
+            return None;
+        };
+        out.push(hex_value(*hi)? << 4 | hex_value(*lo)?);
+        rest = tail;
     }
-    Some(out)
+    out.extend_from_slice(rest);
+    Some(())
+}
+
+/// Where a request target's path ends.
+pub(crate) const QUERY_OR_FRAGMENT: [u8; 2] = [b'?', b'#'];
+
+/// Index of the first byte of `s` that is one of `needles`. Paths are scanned several
+/// times per request, so eight bytes at a time.
+pub(crate) fn find_any<const N: usize>(s: &[u8], needles: [u8; N]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    let mut start = 0;
+    for word in s.chunks_exact(8) {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        // `x` has a zero byte exactly where `w` holds `n`; the test finds whether there
+        // is one, the scan below where.
+        let found = needles.iter().any(|&n| {
+            let x = w ^ ONES.wrapping_mul(u64::from(n));
+            x.wrapping_sub(ONES) & !x & HIGHS != 0
+        });
+        if found {
+            break;
+        }
+        start += 8;
+    }
+    let offset = s.get(start..)?.iter().position(|b| needles.contains(b))?;
+    Some(start + offset)
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -234,6 +260,33 @@ mod tests {
         assert_eq!(
             key_of("GET", "/sessions/v1/%ff%fe").unwrap(),
             vec![0xff, 0xfe]
+        );
+    }
+
+    #[test]
+    fn find_any_finds_the_first_needle_anywhere() {
+        let hay: Vec<u8> = (0..40u8).map(|i| b'a' + i % 26).collect();
+        assert_eq!(find_any(&hay, [b'?', b'#']), None);
+        assert_eq!(find_any(&[], [b'%']), None);
+        for at in 0..hay.len() {
+            for (needle, other) in [(b'?', b'#'), (b'#', b'?')] {
+                let mut s = hay.clone();
+                s[at] = needle;
+                assert_eq!(find_any(&s, [b'?', b'#']), Some(at));
+                if let Some(later) = s.get_mut(at + 1 + at % 9) {
+                    *later = other;
+                }
+                assert_eq!(find_any(&s, [b'?', b'#']), Some(at));
+                assert_eq!(find_any(&s[at..], [needle]), Some(0));
+            }
+        }
+        // Bytes one above or below a needle, or with the high bit set, are not it.
+        assert_eq!(
+            find_any(
+                &[0x24, 0x26, 0xa5, 0x40, 0x3e, 0xbf, 0x22, 0, 0xff],
+                [b'%', b'?', b'#']
+            ),
+            None
         );
     }
 

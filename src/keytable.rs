@@ -189,11 +189,23 @@ impl Layout {
     }
 
     /// Shared-data key of shard `index`.
-    pub fn shard_key(&self, index: u32) -> String {
-        format!(
-            "{KEY_PREFIX}.{}.{}.{index}",
-            self.capacity, self.shard_slots
-        )
+    pub fn shard_key(&self, index: u32) -> ShardKey {
+        self.shard_key_prefix().with_index(index)
+    }
+
+    /// The part of every shard key before the index.
+    fn shard_key_prefix(&self) -> ShardKey {
+        let mut key = ShardKey {
+            bytes: [0; SHARD_KEY_MAX],
+            len: 0,
+        };
+        key.push(KEY_PREFIX.as_bytes());
+        for n in [self.capacity, self.shard_slots] {
+            key.push(b".");
+            key.push_decimal(n);
+        }
+        key.push(b".");
+        key
     }
 
     /// Shard (from the high 32 bits) and bucket (from the low 32 bits) of a fingerprint.
@@ -224,15 +236,81 @@ impl Layout {
 
     /// Whether `bytes` is a well-formed shard of this layout.
     pub fn is_valid_shard(&self, bytes: &[u8]) -> bool {
-        if bytes.len() != self.shard_bytes() || bytes[..SHARD_HEADER_BYTES] != self.header() {
+        let Some(buckets) = bytes.strip_prefix(&self.header()) else {
+            return false;
+        };
+        if buckets.len() != self.shard_bytes() - SHARD_HEADER_BYTES {
             return false;
         }
-        (0..self.buckets).all(|b| {
-            let range = self.bucket_range(b);
-            bytes[range.start + BUCKET_HEADER_BYTES..range.end]
-                .chunks_exact(SLOT_BYTES)
-                .all(|slot| decode_meta(read_u64(slot, 8)).is_some())
-        })
+        // Every access checks a whole shard, which is nearly always valid: no early exit,
+        // no branch per slot.
+        let (mut reserved, mut state) = (0, 0);
+        for bucket in buckets.chunks_exact(self.bucket_bytes()) {
+            let slots = bucket.get(BUCKET_HEADER_BYTES..).unwrap_or_default();
+            for slot in slots.chunks_exact(SLOT_BYTES) {
+                // The two bytes of the meta that `decode_meta` checks.
+                if let [.., r, s] = slot {
+                    reserved |= r;
+                    state = state.max(*s);
+                }
+            }
+        }
+        reserved == 0 && state <= SlotState::Exists as u8
+    }
+}
+
+/// The longest shard key: the prefix and three dot-separated `u32`s.
+const SHARD_KEY_MAX: usize = KEY_PREFIX.len() + 3 * (1 + 10);
+
+/// A shard's shared-data key, built on the stack: every table access needs one, and
+/// `format!` with its allocation was a visible part of a request's cost.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ShardKey {
+    bytes: [u8; SHARD_KEY_MAX],
+    len: usize,
+}
+
+impl ShardKey {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.bytes.get(..self.len).unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn with_index(mut self, index: u32) -> Self {
+        self.push_decimal(index);
+        self
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if let Some(dst) = self.bytes.get_mut(self.len..self.len + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+    }
+
+    fn push_decimal(&mut self, mut n: u32) {
+        let width = n.checked_ilog10().map_or(1, |log| log as usize + 1);
+        let Some(dst) = self.bytes.get_mut(self.len..self.len + width) else {
+            return;
+        };
+        for digit in dst.iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        self.len += width;
+    }
+}
+
+impl std::ops::Deref for ShardKey {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for ShardKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
     }
 }
 
@@ -628,6 +706,8 @@ impl OccupancyScan {
 #[derive(Debug, Clone)]
 pub struct KeyTable {
     layout: Layout,
+    /// Built once: every access needs a shard key.
+    key_prefix: ShardKey,
     rng: Rng,
     stats: TableStats,
     /// Deliberate bug for the race oracle's own test: fallbacks do not jump generations.
@@ -645,6 +725,7 @@ impl KeyTable {
     pub fn with_layout(layout: Layout, rng_seed: u64) -> Self {
         Self {
             layout,
+            key_prefix: layout.shard_key_prefix(),
             rng: Rng::new(rng_seed),
             stats: TableStats::default(),
             #[cfg(test)]
@@ -664,6 +745,10 @@ impl KeyTable {
         &mut self.stats
     }
 
+    fn shard_key(&self, shard: u32) -> ShardKey {
+        self.key_prefix.with_index(shard)
+    }
+
     /// Reads the fingerprint's bucket: one shared-data get.
     pub fn probe<S: SharedStore + ?Sized>(&self, store: &S, fp: u64, now_ms: u64) -> Probe {
         let (shard, bucket) = self.layout.locate(fp);
@@ -671,7 +756,7 @@ impl KeyTable {
             slot: None,
             generation: Generation(None),
         };
-        let Some((bytes, _)) = store.get(&self.layout.shard_key(shard)) else {
+        let Some((bytes, _)) = store.get(&self.shard_key(shard)) else {
             return absent;
         };
         if !self.layout.is_valid_shard(&bytes) {
@@ -727,7 +812,7 @@ impl KeyTable {
                 let g = generation(&mut self.rng, b);
                 bytes[at..at + 4].copy_from_slice(&g.to_le_bytes());
             }
-            match store.set(&self.layout.shard_key(shard), &bytes, Some(token)) {
+            match store.set(&self.shard_key(shard), &bytes, Some(token)) {
                 Ok(()) => created += 1,
                 Err(SetError::CasMismatch) => {}
                 Err(SetError::Host) => return Err(SetError::Host),
@@ -756,7 +841,7 @@ impl KeyTable {
         S: SharedStore + ?Sized,
         F: FnMut(&mut ShardMut<'_>, Origin) -> (bool, T),
     {
-        let key = self.layout.shard_key(shard);
+        let key = self.shard_key(shard);
         for _ in 0..attempts.max(1) {
             let (mut bytes, origin, cas) = match store.get(&key) {
                 Some((bytes, cas)) if self.layout.is_valid_shard(&bytes) => {
@@ -837,7 +922,7 @@ impl KeyTable {
         S: SharedStore + ?Sized,
         F: FnMut(&mut ShardMut<'_>) -> T,
     {
-        let key = self.layout.shard_key(shard);
+        let key = self.shard_key(shard);
         // A blind set cannot meet a CAS mismatch on Envoy; test stores can inject one.
         for _ in 0..BLIND_ATTEMPTS {
             let mut bytes = match store.get(&key) {
@@ -886,7 +971,7 @@ impl KeyTable {
             slots,
             ..Occupancy::default()
         };
-        match store.get(&self.layout.shard_key(shard)) {
+        match store.get(&self.shard_key(shard)) {
             None => occ.absent_shards = 1,
             Some((bytes, _)) if !self.layout.is_valid_shard(&bytes) => occ.garbage_shards = 1,
             Some((bytes, _)) => {
@@ -955,11 +1040,57 @@ pub(crate) mod tests {
         assert_eq!(l.bucket_bytes(), 68);
         assert_eq!(l.shard_bytes(), 1_096);
         assert_eq!(l.total_bytes(), 1_122_304);
-        assert_eq!(l.shard_key(0), "sg.kt.v1.65536.64.0");
-        assert_eq!(l.shard_key(1023), "sg.kt.v1.65536.64.1023");
+        assert_eq!(&*l.shard_key(0), "sg.kt.v1.65536.64.0");
+        assert_eq!(&*l.shard_key(1023), "sg.kt.v1.65536.64.1023");
         // A different size never shares a key with this one.
         assert_ne!(Layout::new(131_072, 64).shard_key(0), l.shard_key(0));
         assert_ne!(Layout::new(65_536, 32).shard_key(0), l.shard_key(0));
+    }
+
+    #[test]
+    fn shard_keys_fit_whatever_the_numbers() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            4096,
+            65_536,
+            16_777_216,
+            u32::MAX - 1,
+            u32::MAX,
+        ] {
+            let l = Layout {
+                capacity: n,
+                shard_slots: u32::MAX - n,
+                ..Layout::new(4, 4)
+            };
+            let expected = format!("{KEY_PREFIX}.{n}.{}.{}", u32::MAX - n, n / 3);
+            assert_eq!(l.shard_key(n / 3).as_str(), expected);
+        }
+    }
+
+    #[test]
+    fn a_shard_is_valid_exactly_when_every_meta_decodes() {
+        let l = Layout::new(4, 4);
+        let mut shard = vec![0u8; l.shard_bytes()];
+        shard[..SHARD_HEADER_BYTES].copy_from_slice(&l.header());
+        assert!(l.is_valid_shard(&shard));
+        for way in 0..4 {
+            for top in 0..=u16::MAX {
+                let meta = u64::from(top) << 48 | 12_345;
+                let mut bytes = shard.clone();
+                let at = SHARD_HEADER_BYTES + BUCKET_HEADER_BYTES + way * SLOT_BYTES + 8;
+                bytes[at..at + 8].copy_from_slice(&meta.to_le_bytes());
+                assert_eq!(
+                    l.is_valid_shard(&bytes),
+                    decode_meta(meta).is_some(),
+                    "way {way}, {top:#x}"
+                );
+            }
+        }
     }
 
     #[test]

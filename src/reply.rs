@@ -5,12 +5,42 @@
 //! A cached 404 must be byte-identical to the store's own, so the encoder below
 //! follows Go's escaping rules exactly.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
+use crate::classify::{find_any, percent_decode_into, QUERY_OR_FRAGMENT};
 use crate::config::{check_range, check_unit, field, ConfigError};
 
-pub const NOT_FOUND_TYPE: &str = "https://www.mediawiki.org/wiki/Kask/errors/not_found";
-pub const OVERLOADED_TYPE: &str = "https://www.mediawiki.org/wiki/Kask/errors/overloaded";
+/// A problem body up to the contents of its `instance` string. Only the instance varies
+/// per request; the other fields are constant texts that Go would not escape (a test
+/// checks), so the whole head is one constant.
+macro_rules! problem_head {
+    ($kind:literal, $title:literal, $detail:literal) => {
+        concat!(
+            "{\n  \"type\": \"https://www.mediawiki.org/wiki/Kask/errors/",
+            $kind,
+            "\",\n  \"title\": \"",
+            $title,
+            "\",\n  \"detail\": \"",
+            $detail,
+            "\",\n  \"instance\": \""
+        )
+    };
+}
+
+const NOT_FOUND_HEAD: &str = problem_head!(
+    "not_found",
+    "Not found",
+    "The value you requested was not found"
+);
+const PROBLEM_TAIL: &[u8] = b"\"\n}\n";
+
+/// A reply header; only `retry-after` is not a constant.
+pub type Header = (&'static str, Cow<'static, str>);
+
+const CONTENT_TYPE: Header = ("content-type", Cow::Borrowed("application/json"));
+const NOSNIFF: Header = ("x-content-type-options", Cow::Borrowed("nosniff"));
 
 /// Why a request was shed; travels in `x-sessionguard-shed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,17 +69,23 @@ impl ShedReason {
         self as usize
     }
 
-    fn detail(self) -> &'static str {
+    fn problem_head(self) -> &'static str {
         match self {
-            ShedReason::Concurrency => {
+            ShedReason::Concurrency => problem_head!(
+                "overloaded",
+                "Service unavailable",
                 "The session store is at its concurrency limit; retry after the indicated delay"
-            }
-            ShedReason::Admission => {
+            ),
+            ShedReason::Admission => problem_head!(
+                "overloaded",
+                "Service unavailable",
                 "The session store is failing requests; this one was rejected early to let it recover"
-            }
-            ShedReason::Memory => {
+            ),
+            ShedReason::Memory => problem_head!(
+                "overloaded",
+                "Service unavailable",
                 "The session store is close to its memory limit; retry after the indicated delay"
-            }
+            ),
         }
     }
 }
@@ -113,125 +149,135 @@ impl RetryAfterConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u32,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<Header>,
     pub body: Vec<u8>,
 }
 
 /// The store's own 404 for the raw request `path`, plus `x-sessionguard-cache: hit`.
 pub fn cached_not_found(path: &str) -> Reply {
-    let instance = instance_of(path);
     Reply {
         status: 404,
         headers: vec![
-            ("content-type", "application/json".to_string()),
-            ("x-content-type-options", "nosniff".to_string()),
-            ("x-sessionguard-cache", "hit".to_string()),
+            CONTENT_TYPE,
+            NOSNIFF,
+            ("x-sessionguard-cache", Cow::Borrowed("hit")),
         ],
-        body: problem_body(
-            NOT_FOUND_TYPE,
-            "Not found",
-            "The value you requested was not found",
-            &instance,
-        ),
+        body: problem_body(NOT_FOUND_HEAD, path),
     }
 }
 
 /// The fast 503 for a shed request.
 pub fn overloaded(reason: ShedReason, path: &str, retry_after_secs: u32) -> Reply {
-    let instance = instance_of(path);
     Reply {
         status: 503,
         headers: vec![
-            ("content-type", "application/json".to_string()),
-            ("x-content-type-options", "nosniff".to_string()),
-            ("retry-after", retry_after_secs.to_string()),
-            ("x-envoy-overloaded", "true".to_string()),
-            ("x-sessionguard-shed", reason.name().to_string()),
+            CONTENT_TYPE,
+            NOSNIFF,
+            ("retry-after", Cow::Owned(retry_after_secs.to_string())),
+            ("x-envoy-overloaded", Cow::Borrowed("true")),
+            ("x-sessionguard-shed", Cow::Borrowed(reason.name())),
         ],
-        body: problem_body(
-            OVERLOADED_TYPE,
-            "Service unavailable",
-            reason.detail(),
-            &instance,
-        ),
+        body: problem_body(reason.problem_head(), path),
     }
 }
 
-/// The store's `instance` is the decoded request path (Go's `r.URL.Path`); a path that
-/// does not decode is reported as sent.
-pub fn instance_of(raw_path: &str) -> Vec<u8> {
-    let without_query = raw_path.split(['?', '#']).next().unwrap_or("");
-    decode_path(without_query.as_bytes()).unwrap_or_else(|| without_query.as_bytes().to_vec())
-}
-
-fn decode_path(input: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        if input[i] == b'%' {
-            let hex = input.get(i + 1..i + 3)?;
-            // Hex digits only: `from_str_radix` alone would also take a sign (`%+1`).
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            let s = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(s, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(input[i]);
-            i += 1;
+/// Go's `json.MarshalIndent(Problem{...}, "", "  ")` followed by `\n`, for `path`.
+fn problem_body(head: &str, path: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + path.len() + PROBLEM_TAIL.len());
+    out.extend_from_slice(head.as_bytes());
+    let start = out.len();
+    push_instance(&mut out, path);
+    // Written in place, the usual instance (printable ASCII) needs no second copy.
+    if let Some(instance) = out.get(start..) {
+        if !instance.iter().all(|&b| is_plain_ascii(b)) {
+            let instance = out.split_off(start);
+            push_go_json_string_contents(&mut out, &instance);
         }
     }
-    Some(out)
+    out.extend_from_slice(PROBLEM_TAIL);
+    out
 }
 
-/// Go's `json.MarshalIndent(Problem{...}, "", "  ")` followed by `\n`.
-pub fn problem_body(kind: &str, title: &str, detail: &str, instance: &[u8]) -> Vec<u8> {
-    let mut out = String::with_capacity(160 + instance.len());
-    out.push_str("{\n  \"type\": ");
-    push_go_json_string(&mut out, kind.as_bytes());
-    out.push_str(",\n  \"title\": ");
-    push_go_json_string(&mut out, title.as_bytes());
-    out.push_str(",\n  \"detail\": ");
-    push_go_json_string(&mut out, detail.as_bytes());
-    out.push_str(",\n  \"instance\": ");
-    push_go_json_string(&mut out, instance);
-    out.push_str("\n}\n");
-    out.into_bytes()
+/// Appends the store's `instance`, unescaped: the decoded request path (Go's
+/// `r.URL.Path`), or the path as sent when it does not decode.
+fn push_instance(out: &mut Vec<u8>, raw_path: &str) {
+    let raw = raw_path.as_bytes();
+    let without_query = match find_any(raw, QUERY_OR_FRAGMENT) {
+        Some(end) => raw.get(..end).unwrap_or_default(),
+        None => raw,
+    };
+    let start = out.len();
+    if percent_decode_into(without_query, out).is_none() {
+        out.truncate(start);
+        out.extend_from_slice(without_query);
+    }
 }
 
-/// Go's encoding/json string escaping with HTML escaping on (the default); each
-/// byte that is not part of valid UTF-8 becomes the six characters `\ufffd`, as in Go.
-fn push_go_json_string(out: &mut String, s: &[u8]) {
-    out.push('"');
+/// A byte Go writes as itself in a JSON string, whatever surrounds it.
+fn is_plain_ascii(b: u8) -> bool {
+    (0x20..0x80).contains(&b) && !matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&')
+}
+
+/// Go's encoding/json string escaping with HTML escaping on (the default), without the
+/// quotes; each byte that is not part of valid UTF-8 becomes the six characters
+/// `\ufffd`, as in Go.
+fn push_go_json_string_contents(out: &mut Vec<u8>, s: &[u8]) {
     for chunk in s.utf8_chunks() {
-        push_valid(out, chunk.valid());
+        push_valid(out, chunk.valid().as_bytes());
         for _ in chunk.invalid() {
-            out.push_str("\\ufffd");
+            out.extend_from_slice(b"\\ufffd");
         }
     }
-    out.push('"');
 }
 
-fn push_valid(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' | '\u{0}'..='\u{1f}' => {
-                let code = c as u32;
-                out.push_str("\\u");
-                for shift in [12, 8, 4, 0] {
-                    out.push(HEX[((code >> shift) & 0xf) as usize] as char);
-                }
+/// `s` is valid UTF-8; runs that need no escaping are copied whole.
+fn push_valid(out: &mut Vec<u8>, s: &[u8]) {
+    let mut copied = 0;
+    let mut i = 0;
+    while i < s.len() {
+        match escaped_char(s, i) {
+            Some((code, width)) => {
+                out.extend_from_slice(s.get(copied..i).unwrap_or_default());
+                push_escape(out, code);
+                i += width;
+                copied = i;
             }
-            _ => out.push(c),
+            None => i += 1,
         }
     }
+    out.extend_from_slice(s.get(copied..).unwrap_or_default());
+}
+
+/// The character starting at `s[i]` if Go escapes it: its code point and UTF-8 width.
+fn escaped_char(s: &[u8], i: usize) -> Option<(u32, usize)> {
+    match *s.get(i)? {
+        b @ (b'"' | b'\\' | b'<' | b'>' | b'&' | 0..=0x1f) => Some((u32::from(b), 1)),
+        // U+2028 and U+2029; in valid UTF-8, 0xe2 only ever starts a character.
+        0xe2 => match *s.get(i + 1..i + 3)? {
+            [0x80, last @ (0xa8 | 0xa9)] => Some((0x2000 | u32::from(last & 0x3f), 3)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn push_escape(out: &mut Vec<u8>, code: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let short = match code {
+        0x22 => b'"',
+        0x5c => b'\\',
+        0x0a => b'n',
+        0x0d => b'r',
+        0x09 => b't',
+        _ => {
+            out.extend_from_slice(b"\\u");
+            for shift in [12, 8, 4, 0] {
+                out.push(HEX[((code >> shift) & 0xf) as usize]);
+            }
+            return;
+        }
+    };
+    out.extend_from_slice(&[b'\\', short]);
 }
 
 #[cfg(test)]
@@ -254,14 +300,48 @@ mod tests {
             .contains(&("x-content-type-options", "nosniff".into())));
     }
 
+    fn escaped(s: &[u8]) -> String {
+        let mut out = Vec::new();
+        push_go_json_string_contents(&mut out, s);
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn go_escaping_rules() {
-        let mut s = String::new();
-        push_go_json_string(&mut s, "a<b>&\"c\\\n\u{1}\u{2028}é\u{fffd}".as_bytes());
-        assert_eq!(s, r#""a\u003cb\u003e\u0026\"c\\\n\u0001\u2028é�""#);
-        let mut s = String::new();
-        push_go_json_string(&mut s, b"a\xffb\xe2\x82");
-        assert_eq!(s, r#""a\ufffdb\ufffd\ufffd""#);
+        assert_eq!(
+            escaped("a<b>&\"c\\\n\r\t\u{1}\u{2028}\u{2029}é€\u{fffd}".as_bytes()),
+            r#"a\u003cb\u003e\u0026\"c\\\n\r\t\u0001\u2028\u2029é€�"#
+        );
+        assert_eq!(escaped(b"a\xffb\xe2\x82"), r#"a\ufffdb\ufffd\ufffd"#);
+        assert_eq!(escaped(b"\xe2\x80"), r#"\ufffd\ufffd"#);
+        assert_eq!(escaped(b"<<plain>>"), r#"\u003c\u003cplain\u003e\u003e"#);
+        assert_eq!(escaped(b""), "");
+    }
+
+    /// The constant fields are written unescaped: that is Go's output only if Go would
+    /// not escape them either.
+    #[test]
+    fn constant_fields_are_what_go_writes() {
+        let mut bodies = vec![cached_not_found("/k").body];
+        bodies.extend(ShedReason::ALL.map(|r| overloaded(r, "/k", 1).body));
+        for body in bodies {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let fields = ["type", "title", "detail"].map(|f| v[f].as_str().unwrap());
+            for text in fields {
+                assert_eq!(escaped(text.as_bytes()), text);
+            }
+            let [kind, title, detail] = fields;
+            let expected = format!(
+                "{{\n  \"type\": \"{kind}\",\n  \"title\": \"{title}\",\n  \"detail\": \"{detail}\",\n  \"instance\": \"/k\"\n}}\n"
+            );
+            assert_eq!(String::from_utf8(body).unwrap(), expected);
+        }
+    }
+
+    fn instance_of(path: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        push_instance(&mut out, path);
+        out
     }
 
     #[test]
@@ -273,6 +353,24 @@ mod tests {
         assert_eq!(instance_of("/sessions/v1/x?y=1"), b"/sessions/v1/x");
         assert_eq!(instance_of("/sessions/v1/%zz"), b"/sessions/v1/%zz");
         assert_eq!(instance_of("/sessions/v1/%ff"), b"/sessions/v1/\xff");
+        assert_eq!(instance_of("/sessions/v1/a#b?c"), b"/sessions/v1/a");
+        assert_eq!(instance_of("?"), b"");
+    }
+
+    #[test]
+    fn instances_are_escaped_only_when_go_would() {
+        for (path, instance) in [
+            ("/k", "/k"),
+            ("/a%3Cb%3E", "/a\\u003cb\\u003e"),
+            ("/%E2%80%A8", "/\\u2028"),
+            ("/%C3%A9", "/é"),
+            ("/%FF%22", "/\\ufffd\\\""),
+            ("/x%zz<", "/x%zz\\u003c"),
+        ] {
+            let body = String::from_utf8(cached_not_found(path).body).unwrap();
+            let expected = format!("  \"instance\": \"{instance}\"\n}}\n");
+            assert!(body.ends_with(&expected), "{path}: {body}");
+        }
     }
 
     #[test]
@@ -286,8 +384,15 @@ mod tests {
             .contains(&("x-sessionguard-shed", "memory".into())));
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body["instance"], "/sessions/v1/k");
-        assert_eq!(body["type"], OVERLOADED_TYPE);
+        assert_eq!(
+            body["type"],
+            "https://www.mediawiki.org/wiki/Kask/errors/overloaded"
+        );
         assert_eq!(body["title"], "Service unavailable");
+        assert_eq!(
+            body["detail"],
+            "The session store is close to its memory limit; retry after the indicated delay"
+        );
     }
 
     #[test]

@@ -141,7 +141,13 @@ impl SharedStore for MemStore {
                 return Err(SetError::CasMismatch);
             }
         }
-        map.insert(key.to_string(), (value.to_vec(), cas_new));
+        // The value is copied as the host copies it; the key is allocated only once.
+        match map.get_mut(key) {
+            Some(entry) => *entry = (value.to_vec(), cas_new),
+            None => {
+                map.insert(key.to_string(), (value.to_vec(), cas_new));
+            }
+        }
         self.sets.set(self.sets.get() + 1);
         Ok(())
     }
