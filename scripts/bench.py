@@ -1089,48 +1089,41 @@ poll intervals would have caught it.
 STATIC_ANALYSIS = """## Reading the hot path (src/host/http.rs), and how to remove hostcalls
 
 What each call on the pass path is for (GET of a key known to exist; counts in the table above):
-- `on_http_request_headers`: `now_ns`; `:method` and `:path` (two header reads, two allocation callbacks);
-  the key-table `lookup` = one shared-data get of the key's shard (1,096 bytes by default, copied into the
-  VM); the limiter's `try_acquire` = a get and a CAS set of the in-flight table.
-- `on_http_response_headers`: `now_ns` again and `:status`. `mark_exists` is skipped while the key's Exists
-  mark is fresh; `content-type` is read only for 404s.
-- `on_log`: `now_ns` a third time; the limiter's `release` = a get and a CAS set.
+- `on_http_request_headers`: `:method` and `:path` (two header reads, two allocation callbacks), classified
+  first, so that requests that are not key operations stop there; `now_ns`; the key-table `lookup` = one
+  shared-data get of the key's shard (1,096 bytes by default, copied into the VM); the limiter's
+  `try_acquire` = a get and a CAS set of the in-flight table.
+- `on_http_response_headers`: `now_ns` again (the RTT for the adaptive limit) and `:status`. `mark_exists`
+  is skipped while the key's Exists mark is fresh; `content-type` is read only for 404s.
+- `on_log`: nothing. The limiter's release is *deferred* (src/limiter.rs, "Deferred releases"): with a limit
+  of 16 or more a VM may leave up to limit/16 releases to its next acquire, which writes its exact count
+  anyway, or to its next tick. The table then overstates, never understates, so the limit holds; other VMs
+  may shed up to limit/16 early for at most one tick. The clock is the response-headers one; only a stream
+  that never got response headers reads it again.
 
-A negative-cache hit is `now_ns`, `:method`, `:path`, the shard get, `send_local_response`, plus `now_ns` in
-`on_log`, where nothing uses it. A shed adds the in-flight table get that finds no room. A write (POST or
-DELETE) adds `begin_write` and `end_write`, a get and a CAS set of the shard each. The first GET of an
-unknown key adds `content-type` and `insert_missing` (get + set).
+A negative-cache hit is `:method`, `:path`, `now_ns`, the shard get and `send_local_response`. A shed adds the
+in-flight table get that finds no room. A write (POST or DELETE) adds `begin_write` and `end_write`, a get
+and a CAS set of the shard each. The first GET of an unknown key adds `content-type` and `insert_missing`
+(get + set). A request that is not a key operation (`/healthz`, `/metrics`) costs the two header reads.
 
-Ways to remove hostcalls and work, cheapest first:
-1. **`on_log` reads the clock when it has nothing to do** (every local reply: cache hit, shed). Read it
-   only when a permit is released or a write/fill must end (e.g. a `let now = || abi::now_ns() / 1_000_000`
-   used at those two places): -1 hostcall on both fast paths.
-2. *(Done.)* `wake()` called `set_effective_context(back_to)` even with no ids to wake: on every tick
-   (`flights.expire` is usually empty) and at the end of every single-flight leader. It now returns early:
-   -1 hostcall per first miss and per tick.
-3. **The clock is read three times per forwarded request.** The `on_log` time only stamps the limiter's
-   heartbeat and the expiry of marks written at the end; the response-headers time (kept in the context) is
-   exact enough for both: -1 per forwarded request (only streams that never got response headers need a
-   fresh read).
-4. **The limiter's four shared-data calls per admitted request** (get + CAS set on acquire and on release)
-   are the largest part of the pass path. A per-VM *lease* removes most of them: a VM reserves a batch of
-   slots in the shared table with one CAS (e.g. max(1, limit / (4 x workers))), admits and releases against
-   the lease locally, and returns or renews it on tick or when it runs out. The global count stays "never
-   above the limit" (leases count in full); the price is up to one batch per VM of slots reserved but idle.
-   At steady load the per-request cost drops from 4 calls to ~0.
-5. **Each key-table access formats the shard's key** (`Layout::shard_key`, `format!` -> `core::fmt`: about 6%
-   of the wasm's own time in a V8 profile of the pass path) **and validates the whole shard**
-   (`is_valid_shard` decodes all 64 slots' metadata, ~8%) **after copying all of it** (memcpy ~8%). Build the
-   key in a reused buffer (or precompute the 1,024 names once), check only the header, the length and the
-   probed bucket, and consider smaller shards (`key_table.shard_slots: 16` -> 296-byte copies for the same
-   number of hostcalls).
-6. **`:method` + `:path` as two reads**: `proxy_get_header_map_pairs` returns all request headers in one call
+Done in this round (hostcalls on the pass path 11 -> 8): deferred releases (-2), no clock read in
+`on_log` (-1 on every path), no clock and no response work for non-key requests (6 -> 2). Natively:
+shard keys built on the stack instead of `format!`, reply bodies from precomputed parts (see the
+microbenchmarks).
+
+What is left, and why it stays:
+1. **The acquire's get + CAS set.** Envoy's CAS token is a global counter that also moves with every other
+   key's writes, so a VM cannot know the token of its own last write without reading again: an acquire
+   cannot skip the read. A per-VM *lease* (reserve a batch of slots with one CAS, admit locally) would
+   remove it at steady load, at the price of slots reserved but idle on one VM while another sheds;
+   deferral already took the release's two calls without that price.
+2. **`:method` + `:path` as two reads**: `proxy_get_header_map_pairs` returns all request headers in one call
    and one allocation, but Envoy serializes every header; with MediaWiki's handful of headers it may be
    cheaper. Measure before changing.
-7. **Allocation**: classification decodes the key into a new `Vec`, replies build `String` headers and a
-   body through `String::push` per character (about 1 µs natively per reply, see the microbenchmarks):
-   decode into a reused buffer, and make the reply headers `&'static str` except `retry-after`.
-8. Writes need their four shard calls (the generation bumps are what makes the no-stale-404 guarantee) and
+3. **Each key-table access copies the whole shard** (1,096 bytes) in and out of the VM. Smaller shards
+   (`key_table.shard_slots: 16` -> 296-byte copies) cost nothing in hostcalls; the default stays 64 until a
+   benchmark shows the copy matters next to the V8 boundary crossing.
+4. Writes need their four shard calls (the generation bumps are what makes the no-stale-404 guarantee) and
    the two keys (shard, in-flight table) cannot be updated in one ABI call; keep.
 """
 
