@@ -481,6 +481,17 @@ fn write_mine(
     }
 }
 
+/// Whether a VM's slot in the table shows its exact count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Exact,
+    /// This many releases are not written yet: the slot overstates by that much.
+    Deferred(u32),
+    /// A write gave up (or the table was full): the slot may be off either way, so
+    /// the next acquire, release or tick writes at once.
+    Pending,
+}
+
 /// Outcome of one in-place sync attempt loop.
 enum Sync {
     /// The table now shows `local` for this VM.
@@ -508,10 +519,8 @@ pub struct Limiter {
     sheddable_cap: u32,
     /// Permits this VM holds: the truth its slot must show.
     local: InFlight,
-    /// The table may not show `local` (a write gave up, or releases were deferred).
-    dirty: bool,
-    /// Releases not yet written; while > 0, they are the only reason for `dirty`.
-    deferred: u32,
+    /// Whether this VM's slot in the table shows `local`.
+    slot: SlotState,
     window: RttHistogram,
     peak: u32,
     shed_ewma: f64,
@@ -536,8 +545,7 @@ impl Limiter {
             pressure_factor: 1.0,
             sheddable_cap: 0,
             local: InFlight::default(),
-            dirty: false,
-            deferred: 0,
+            slot: SlotState::Exact,
             window: RttHistogram::new(),
             peak: 0,
             shed_ewma: 0.0,
@@ -597,18 +605,32 @@ impl Limiter {
         self.apply_pressure();
     }
 
-    /// Records whether the table may differ from `local` after a write (attempt):
-    /// either way no deferred release is outstanding any more, and a give-up makes the
-    /// next release write at once.
+    /// After a write (attempt): the slot shows `local`, or it may not and the next
+    /// write must not wait. Either way no deferred release is outstanding any more.
     fn set_dirty(&mut self, dirty: bool) {
-        self.dirty = dirty;
-        self.deferred = 0;
+        self.slot = if dirty {
+            SlotState::Pending
+        } else {
+            SlotState::Exact
+        };
     }
 
-    /// Whether a release may be left for a later write (module docs).
-    fn may_defer_release(&self) -> bool {
-        let only_deferrals = !self.dirty || self.deferred > 0;
-        only_deferrals && self.deferred < self.limit / DEFER_DIVISOR
+    fn is_dirty(&self) -> bool {
+        self.slot != SlotState::Exact
+    }
+
+    /// Leaves a release for a later write if the allowance permits (module docs).
+    fn try_defer_release(&mut self) -> bool {
+        let deferred = match self.slot {
+            SlotState::Exact => 0,
+            SlotState::Deferred(n) => n,
+            SlotState::Pending => return false,
+        };
+        if deferred >= self.limit / DEFER_DIVISOR {
+            return false;
+        }
+        self.slot = SlotState::Deferred(deferred + 1);
+        true
     }
 
     /// The limit currently enforced by this VM.
@@ -776,9 +798,7 @@ impl Limiter {
         }
         *count -= 1;
         self.stats.local_in_flight = self.local.total();
-        if self.may_defer_release() {
-            self.dirty = true;
-            self.deferred += 1;
+        if self.try_defer_release() {
             self.stats.releases_deferred += 1;
             return;
         }
@@ -833,7 +853,7 @@ impl Limiter {
     ///    controller step if `is_leader` (from [`crate::election::Election::tick`]),
     ///    and cache the limit to enforce until the next tick.
     pub fn tick<S: SharedStore + ?Sized>(&mut self, store: &S, now_ms: u64, is_leader: bool) {
-        if !self.enabled && self.local.is_zero() && !self.dirty {
+        if !self.enabled && self.local.is_zero() && !self.is_dirty() {
             return;
         }
         self.maintain_table(store, now_ms);
@@ -867,7 +887,7 @@ impl Limiter {
     fn maintain_table<S: SharedStore + ?Sized>(&mut self, store: &S, now_ms: u64) {
         let id = self.id;
         let local = self.local;
-        let dirty = self.dirty;
+        let dirty = self.is_dirty();
         let stale_ms = self.stale_ms;
         let mut reclaimed = 0u64;
         let mut seen = None;
@@ -951,7 +971,7 @@ impl Limiter {
     pub fn stats(&self) -> LimiterStats {
         let mut s = self.stats;
         s.local_in_flight = self.local.total();
-        s.pending_sync = self.dirty;
+        s.pending_sync = self.is_dirty();
         s.limit = self.limit;
         s
     }
