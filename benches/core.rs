@@ -65,23 +65,26 @@ fn bench_classify(c: &mut Criterion) {
     g.finish();
 }
 
+/// One critical request through the limiter: acquire, then release with a 200.
+fn admit_and_release(lim: &mut Limiter, store: &MemStore) {
+    let permit = match lim.try_acquire(store, Criticality::Critical, NOW_MS) {
+        Acquire::Admitted(p) | Acquire::ShadowShed(p) => p,
+        Acquire::Shed { .. } => unreachable!("limit is high"),
+    };
+    let done = Completion {
+        rtt_ms: Some(0.3),
+        ending: Ending::Response(200),
+    };
+    lim.release(store, permit, done, NOW_MS);
+}
+
 fn bench_limiter(c: &mut Criterion) {
     let cfg = config();
     let mut g = c.benchmark_group("limiter");
     g.bench_function("try_acquire+release/admitted", |b| {
         let store = MemStore::new();
         let mut lim = Limiter::new(&cfg.concurrency, cfg.cas_attempts, 0xfeed);
-        b.iter(|| {
-            let permit = match lim.try_acquire(&store, Criticality::Critical, NOW_MS) {
-                Acquire::Admitted(p) | Acquire::ShadowShed(p) => p,
-                Acquire::Shed { .. } => unreachable!("limit is high"),
-            };
-            let done = Completion {
-                rtt_ms: Some(0.3),
-                ending: Ending::Response(200),
-            };
-            lim.release(&store, permit, done, NOW_MS);
-        })
+        b.iter(|| admit_and_release(&mut lim, &store))
     });
     g.bench_function("try_acquire/shed", |b| {
         // limit 1 with sheddable_share 0: every sheddable request is shed after one read.
@@ -109,17 +112,7 @@ fn bench_limiter(c: &mut Criterion) {
             .map(|l| l.try_acquire(&store, Criticality::Critical, NOW_MS))
             .collect();
         let mut lim = Limiter::new(&cfg.concurrency, cfg.cas_attempts, 0xfeed);
-        b.iter(|| {
-            let permit = match lim.try_acquire(&store, Criticality::Critical, NOW_MS) {
-                Acquire::Admitted(p) | Acquire::ShadowShed(p) => p,
-                Acquire::Shed { .. } => unreachable!("limit is high"),
-            };
-            let done = Completion {
-                rtt_ms: Some(0.3),
-                ending: Ending::Response(200),
-            };
-            lim.release(&store, permit, done, NOW_MS);
-        })
+        b.iter(|| admit_and_release(&mut lim, &store))
     });
     g.finish();
 }
