@@ -322,11 +322,19 @@ function countPath(wasm, config, req, warm, check) {
   const next = () => ({ ...req, path: req.path ?? `/sessions/v1/fresh-${n++}` });
   for (let i = 0; i < warm; i++) h.request(next());
   h.tick();
+  // The first request after a tick may write what the tick settled (the limiter's
+  // exact count); under load hundreds of requests share a tick, so the next one is
+  // the steady state that is reported, and the first is reported beside it.
+  const first = countRequest(h, next(), check);
+  const steady = countRequest(h, next(), check);
+  return { ...steady, ok: first.ok && steady.ok, first_total: first.total, first_allocs: first.allocs };
+}
+
+function countRequest(h, req, check) {
   h.counts = {};
-  const result = h.request(next());
+  const result = h.request(req);
   const counts = h.counts;
   h.counts = null;
-  const ok = check(result);
   const byPhase = {};
   let total = 0, allocs = 0;
   for (const [key, c] of Object.entries(counts)) {
@@ -334,7 +342,7 @@ function countPath(wasm, config, req, warm, check) {
     if (name === "(alloc callback)") allocs += c; else total += c;
     (byPhase[phase] ||= {})[name] = c;
   }
-  return { ok, status: result.status, local: result.local, total, allocs, byPhase };
+  return { ok: check(result), status: result.status, local: result.local, total, allocs, byPhase };
 }
 
 function main() {
@@ -369,7 +377,7 @@ function main() {
     console.log(JSON.stringify(out, null, 1));
   } else {
     for (const p of out.paths) {
-      console.log(`${p.ok ? "ok  " : "FAIL"} ${p.name}: ${p.total} hostcalls, ${p.allocs} allocation callbacks (status ${p.status}${p.local ? ", local" : ""})`);
+      console.log(`${p.ok ? "ok  " : "FAIL"} ${p.name}: ${p.total} hostcalls, ${p.allocs} allocation callbacks (status ${p.status}${p.local ? ", local" : ""}; first request after a tick: ${p.first_total}, ${p.first_allocs})`);
       for (const [phase, calls] of Object.entries(p.byPhase)) {
         console.log(`       ${phase.padEnd(17)} ${Object.entries(calls).map(([k, v]) => `${k}×${v}`).join(", ")}`);
       }

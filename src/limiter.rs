@@ -71,16 +71,23 @@
 //! - **Tick:** the heartbeat/reclaim write and the gradient merge are retried on the
 //!   next tick; local RTT samples are kept until they are merged.
 //!
-//! # Deferred releases
+//! # Deferred releases, taken back without a write
 //!
-//! A release costs a read and a CAS write, and under steady traffic the VM's next
-//! acquire writes its exact count anyway. So while the limit is 16 or more, a VM may
-//! leave up to `limit / 16` ([`DEFER_DIVISOR`]) releases unwritten: the next acquire,
-//! a release past that allowance or the next tick writes them. Until then the table
-//! overstates this VM by at most `limit / 16`: other VMs may shed that much early,
-//! for at most one tick; nothing is ever admitted beyond the limit. Each VM's own
-//! decisions use its exact count. Below 16 (small fixed limits, where one slot
-//! matters) every release is written at once.
+//! A release and an acquire each cost a read and a CAS write. Under steady traffic a
+//! VM releases and acquires at about the same rate, so it keeps some slots it
+//! released without writing the table, and its next acquires of the same class take
+//! them back, again without a read or a write: the table already counts those slots,
+//! and it summed to at most the limit when they were admitted. The allowance is
+//! `limit / (16 × busy VMs)` ([`DEFER_DIVISOR`]; busy VMs = slots in the table at
+//! this VM's last read), so all VMs together overstate by about `limit / 16`: other
+//! VMs may shed that much early, nothing is ever admitted beyond the limit. A
+//! release past the allowance writes the exact count; so does every tick (within
+//! 100 ms, with the count of busy VMs refreshed), and the next acquire or release
+//! after the limit or the sheddable share shrank (a kept slot was admitted under
+//! the larger limit). Only slots of the request's own class are taken back, so the
+//! sheddable cap holds too. Shadow mode takes none back (each request is judged
+//! against the table), and when the allowance is below one slot (small limits,
+//! many VMs) every release is written at once.
 //!
 //! # Priorities
 //!
@@ -250,6 +257,13 @@ impl InFlight {
         }
     }
 
+    fn count(self, crit: Criticality) -> u32 {
+        match crit {
+            Criticality::Critical => self.critical,
+            Criticality::Sheddable => self.sheddable,
+        }
+    }
+
     fn count_mut(&mut self, crit: Criticality) -> &mut u32 {
         match crit {
             Criticality::Critical => &mut self.critical,
@@ -377,6 +391,8 @@ pub struct LimiterStats {
     pub table_full: u64,
     /// Releases left for a later write (see "Deferred releases").
     pub releases_deferred: u64,
+    /// Acquisitions that took back a deferred release: no read, no write.
+    pub acquires_reused: u64,
     /// Releases with nothing in flight for that class: a host bug; ignored.
     pub release_underflows: u64,
     /// Permits from another limiter instance (e.g. before a re-creation); ignored.
@@ -481,12 +497,12 @@ fn write_mine(
     }
 }
 
-/// Whether a VM's slot in the table shows its exact count.
+/// What a VM's slot in the table shows, as far as the VM knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
-    Exact,
-    /// This many releases are not written yet: the slot overstates by that much.
-    Deferred(u32),
+    /// The slot shows these counts, at least the VM's own in each class; the excess
+    /// is released slots not written yet, which the VM's acquires may take back.
+    Shows(InFlight),
     /// A write gave up (or the table was full): the slot may be off either way, so
     /// the next acquire, release or tick writes at once.
     Pending,
@@ -519,8 +535,11 @@ pub struct Limiter {
     sheddable_cap: u32,
     /// Permits this VM holds: the truth its slot must show.
     local: InFlight,
-    /// Whether this VM's slot in the table shows `local`.
+    /// What this VM's slot in the table shows.
     slot: SlotState,
+    /// The other VMs' counts and the number of slots at this VM's last read.
+    others_seen: InFlight,
+    slots_seen: u32,
     window: RttHistogram,
     peak: u32,
     shed_ewma: f64,
@@ -545,7 +564,9 @@ impl Limiter {
             pressure_factor: 1.0,
             sheddable_cap: 0,
             local: InFlight::default(),
-            slot: SlotState::Exact,
+            slot: SlotState::Shows(InFlight::default()),
+            others_seen: InFlight::default(),
+            slots_seen: 0,
             window: RttHistogram::new(),
             peak: 0,
             shed_ewma: 0.0,
@@ -586,11 +607,24 @@ impl Limiter {
     }
 
     fn apply_pressure(&mut self) {
+        let (old_limit, old_cap) = (self.limit, self.sheddable_cap);
         let shrunk = f64_to_u32(f64::from(self.base_limit) * self.pressure_factor);
         // Never 0: one request at a time still lets the store make progress.
         self.limit = shrunk.clamp(1, self.base_limit.max(1));
         self.sheddable_cap = f64_to_u32(self.share * f64::from(self.limit));
         self.stats.limit = self.limit;
+        if self.limit < old_limit || self.sheddable_cap < old_cap {
+            // Unwritten releases were admitted under the larger limit: taking them
+            // back without a look at the table could exceed the new one.
+            self.withdraw_deferred();
+        }
+    }
+
+    /// Writes deferred releases at the next acquire, release or tick.
+    fn withdraw_deferred(&mut self) {
+        if matches!(self.slot, SlotState::Shows(stored) if stored != self.local) {
+            self.slot = SlotState::Pending;
+        }
     }
 
     /// Shrinks the enforced limit to `factor` of the controller's limit while the
@@ -611,25 +645,47 @@ impl Limiter {
         self.slot = if dirty {
             SlotState::Pending
         } else {
-            SlotState::Exact
+            SlotState::Shows(self.local)
         };
     }
 
     fn is_dirty(&self) -> bool {
-        self.slot != SlotState::Exact
+        self.slot != SlotState::Shows(self.local)
     }
 
-    /// Leaves a release for a later write if the allowance permits (module docs).
-    fn try_defer_release(&mut self) -> bool {
-        let deferred = match self.slot {
-            SlotState::Exact => 0,
-            SlotState::Deferred(n) => n,
-            SlotState::Pending => return false,
+    /// Records a read of the table: the other VMs' counts and how many VMs are busy.
+    fn seen(&mut self, others: InFlight, slots: usize) {
+        self.others_seen = others;
+        self.slots_seen = u32::try_from(slots).unwrap_or(u32::MAX);
+    }
+
+    /// Whether a release (already taken off `local`) may stay unwritten: the slot
+    /// then overstates this VM by the unwritten releases, at most
+    /// `limit / (DEFER_DIVISOR × busy VMs)`, so all VMs together overstate by at
+    /// most `limit / DEFER_DIVISOR` (module docs).
+    fn may_defer_release(&self) -> bool {
+        let SlotState::Shows(stored) = self.slot else {
+            return false;
         };
-        if deferred >= self.limit / DEFER_DIVISOR {
+        let busy = self.slots_seen.max(1);
+        let allowance = self.limit / DEFER_DIVISOR.saturating_mul(busy);
+        stored.total().saturating_sub(self.local.total()) <= allowance
+    }
+
+    /// Takes back a slot this VM released without writing, if one of class `crit`
+    /// is left: the table already counts it, so no read or write is needed.
+    fn try_reuse(&mut self, crit: Criticality, want: InFlight) -> bool {
+        let SlotState::Shows(stored) = self.slot else {
+            return false;
+        };
+        // Shadow mode must judge each request against the table; deferred slots
+        // were admitted under a limit that is still in force (`apply_pressure`).
+        if !self.enforce || stored.count(crit) <= self.local.count(crit) {
             return false;
         }
-        self.slot = SlotState::Deferred(deferred + 1);
+        self.local = want;
+        self.peak = self.peak.max(self.others_seen.plus(stored).total());
+        self.stats.acquires_reused += 1;
         true
     }
 
@@ -700,6 +756,9 @@ impl Limiter {
             return Acquire::Admitted(self.permit(crit, false));
         }
         let want = self.local.incremented(crit);
+        if self.try_reuse(crit, want) {
+            return self.admitted(crit, true);
+        }
         let mut last_fit = false;
         let mut full = false;
         for _ in 0..self.attempts {
@@ -709,6 +768,7 @@ impl Limiter {
             };
             let scanned = scan(&buf, self.id);
             let others = scanned.map(|s| s.others).unwrap_or_default();
+            self.seen(others, scanned.map_or(0, |s| s.slots));
             let total = others.plus(self.local);
             self.saw(total);
             let fits = self.fits(total, crit);
@@ -725,6 +785,7 @@ impl Limiter {
                 Ok(()) => {
                     self.local = want;
                     self.set_dirty(false);
+                    self.seen(others, buf.len().saturating_sub(HEADER_LEN) / SLOT_LEN);
                     self.saw(others.plus(want));
                     self.peak = self.peak.max(others.plus(want).total());
                     return self.admitted(crit, fits);
@@ -798,7 +859,7 @@ impl Limiter {
         }
         *count -= 1;
         self.stats.local_in_flight = self.local.total();
-        if self.try_defer_release() {
+        if self.may_defer_release() {
             self.stats.releases_deferred += 1;
             return;
         }
@@ -819,6 +880,7 @@ impl Limiter {
             };
             let scanned = scan(&buf, self.id);
             if let Some(s) = scanned {
+                self.seen(s.others, s.slots);
                 self.saw(s.others.plus(self.local));
                 let stored = s.mine.map(|(_, c)| c).unwrap_or_default();
                 if stored == self.local {
@@ -923,7 +985,7 @@ impl Limiter {
                 }
             }
             let others = kept.iter().fold(InFlight::default(), |a, s| a.plus(s.2));
-            seen = Some(others.plus(local));
+            seen = Some((others, kept.len() + usize::from(!local.is_zero())));
             let heartbeat_due = match my_last {
                 Some((last, counts)) => {
                     counts != local || now_ms.saturating_sub(last) > stale_ms / 4
@@ -951,8 +1013,9 @@ impl Limiter {
             }
             Some((out, ()))
         });
-        if let Some(total) = seen {
-            self.saw(total);
+        if let Some((others, slots)) = seen {
+            self.seen(others, slots);
+            self.saw(others.plus(local));
         }
         match result {
             Ok(Some(())) => {
@@ -1046,39 +1109,44 @@ mod tests {
     }
 
     #[test]
-    fn releases_are_deferred_up_to_a_sixteenth_of_the_limit() {
+    fn released_slots_are_kept_and_taken_back_without_a_write() {
         let store = MemStore::new();
         let mut a = Limiter::new(&fixed(64, 1.0), 8, 1);
         let mut b = Limiter::new(&fixed(64, 1.0), 8, 2);
         let mut permits: Vec<_> = (0..60).map(|_| ok(a.try_acquire(&store, C, 0))).collect();
         let writes = store.writes();
-        // 64 / 16 = 4 releases stay unwritten: the table overstates A by 4.
+        // A is the only busy VM: 64 / 16 = 4 releases stay unwritten.
         for _ in 0..4 {
             a.release(&store, permits.pop().unwrap(), done(1.0), 1);
         }
         assert_eq!(store.writes(), writes, "deferred releases write nothing");
         assert_eq!((global(&store), a.local_in_flight().total()), (60, 56));
         assert!(a.stats().pending_sync);
-        // B sees the overstated table: at most 4 early sheds, never an admission too many.
-        let bp: Vec<_> = (0..4).map(|_| ok(b.try_acquire(&store, C, 1))).collect();
-        assert!(matches!(b.try_acquire(&store, C, 1), Acquire::Shed { .. }));
-        // A's own decisions use its exact count, and its next write carries the releases.
+        // A's next four acquisitions take those slots back: no write, same table.
+        permits.extend((0..4).map(|_| ok(a.try_acquire(&store, C, 2))));
+        assert_eq!(store.writes(), writes);
+        assert_eq!((global(&store), a.stats().acquires_reused), (60, 4));
+        assert!(!a.stats().pending_sync);
+        // The fifth needs the table, and B sees A's 60 plus its own.
         permits.push(ok(a.try_acquire(&store, C, 2)));
-        assert_eq!(global(&store), 57 + 4);
-        // The fifth release in a row is written at once.
-        for _ in 0..5 {
+        assert_eq!(global(&store), 61);
+        let bp: Vec<_> = (0..3).map(|_| ok(b.try_acquire(&store, C, 2))).collect();
+        assert!(matches!(b.try_acquire(&store, C, 2), Acquire::Shed { .. }));
+        assert_eq!(global(&store), 64);
+        // A's next read finds two busy VMs: from then on it keeps 64 / (16 × 2) = 2,
+        // and the third release in a row writes all three.
+        assert!(matches!(a.try_acquire(&store, C, 2), Acquire::Shed { .. }));
+        for _ in 0..2 {
             a.release(&store, permits.pop().unwrap(), done(1.0), 3);
         }
-        assert_eq!(
-            global(&store),
-            57 - 5 + 4,
-            "the fifth release wrote all five"
-        );
-        // A tick writes whatever is deferred.
+        assert_eq!(global(&store), 64);
+        a.release(&store, permits.pop().unwrap(), done(1.0), 3);
+        assert_eq!(global(&store), 61);
+        // A tick writes whatever is kept.
         a.release(&store, permits.pop().unwrap(), done(1.0), 4);
-        assert_eq!(global(&store), 57 - 5 + 4);
+        assert_eq!(global(&store), 61);
         a.tick(&store, 5, true);
-        assert_eq!(global(&store), 57 - 6 + 4);
+        assert_eq!(global(&store), 60);
         assert!(!a.stats().pending_sync);
         for p in permits {
             a.release(&store, p, done(1.0), 6);
@@ -1089,7 +1157,83 @@ mod tests {
         a.tick(&store, 7, true);
         b.tick(&store, 7, false);
         assert_eq!(global(&store), 0);
-        assert!(a.stats().releases_deferred >= 5);
+        assert!(a.stats().releases_deferred >= 6);
+    }
+
+    #[test]
+    fn only_a_kept_slot_of_the_same_class_is_taken_back() {
+        let store = MemStore::new();
+        let mut l = Limiter::new(&fixed(64, 0.5), 8, 1);
+        let mut crit: Vec<_> = (0..32).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
+        let shed: Vec<_> = (0..32).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
+        l.release(&store, crit.pop().unwrap(), done(1.0), 1);
+        assert_eq!(global(&store), 64, "kept");
+        // The kept slot is critical: a sheddable request must not get it, and the
+        // table says the sheddable share (32) is used up.
+        assert!(matches!(l.try_acquire(&store, S, 1), Acquire::Shed { .. }));
+        crit.push(ok(l.try_acquire(&store, C, 1)));
+        assert_eq!(l.stats().acquires_reused, 1);
+        for p in crit.into_iter().chain(shed) {
+            l.release(&store, p, done(1.0), 2);
+        }
+        l.tick(&store, 3, true);
+        assert_eq!(global(&store), 0);
+    }
+
+    #[test]
+    fn a_shrinking_limit_withdraws_the_kept_slots() {
+        let store = MemStore::new();
+        let mut l = Limiter::new(&fixed(64, 1.0), 8, 1);
+        let mut permits: Vec<_> = (0..60).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
+        for _ in 0..4 {
+            l.release(&store, permits.pop().unwrap(), done(1.0), 1);
+        }
+        assert_eq!(global(&store), 60);
+        // Memory pressure halves the limit: 56 in flight is over it, so the kept
+        // slots (admitted under 64) must not be taken back.
+        l.set_pressure_factor(0.5);
+        assert!(matches!(l.try_acquire(&store, C, 2), Acquire::Shed { .. }));
+        assert_eq!(l.stats().acquires_reused, 0);
+        // And the next release writes them all.
+        l.release(&store, permits.pop().unwrap(), done(1.0), 3);
+        assert_eq!(global(&store), 55);
+        for p in permits {
+            l.release(&store, p, done(1.0), 3);
+        }
+        l.tick(&store, 4, true);
+        assert_eq!(global(&store), 0);
+    }
+
+    #[test]
+    fn shadow_mode_judges_every_request_against_the_table() {
+        let store = MemStore::new();
+        let mut cfg = fixed(64, 1.0);
+        cfg.enforce = false;
+        let mut l = Limiter::new(&cfg, 8, 1);
+        let mut permits: Vec<_> = (0..70)
+            .map(|_| shadow_or_ok(l.try_acquire(&store, C, 0)))
+            .collect();
+        assert_eq!(l.stats().would_have_shed, 6);
+        l.release(&store, permits.pop().unwrap(), done(1.0), 1);
+        let writes = store.writes();
+        permits.push(shadow_or_ok(l.try_acquire(&store, C, 1)));
+        assert!(store.writes() > writes, "read and written, not taken back");
+        assert_eq!(
+            (l.stats().would_have_shed, l.stats().acquires_reused),
+            (7, 0)
+        );
+        for p in permits {
+            l.release(&store, p, done(1.0), 2);
+        }
+        l.tick(&store, 3, true);
+        assert_eq!(global(&store), 0);
+    }
+
+    fn shadow_or_ok(a: Acquire) -> Permit {
+        match a {
+            Acquire::Admitted(p) | Acquire::ShadowShed(p) => p,
+            other => panic!("shadow mode shed: {other:?}"),
+        }
     }
 
     #[test]
@@ -1524,6 +1668,8 @@ mod tests {
             Crash {
                 w: usize,
             },
+            /// Memory pressure moves every VM's limit to this many eighths of it.
+            Pressure(u8),
         }
 
         fn op(workers: usize, max_conflicts: u32) -> impl Strategy<Value = Op> {
@@ -1533,6 +1679,7 @@ mod tests {
                 1 => (0..workers).prop_map(|w| Op::Tick { w }),
                 1 => (0u64..5_000).prop_map(Op::Advance),
                 2 => (0..=max_conflicts).prop_map(Op::Conflicts),
+                1 => (1u8..=8).prop_map(Op::Pressure),
             ]
         }
 
@@ -1578,8 +1725,27 @@ mod tests {
                 match *op {
                     Op::Acquire { w, critical } => {
                         let crit = if critical { C } else { S };
+                        let before = self.true_in_flight();
+                        let untracked = self.untracked();
                         match self.ws[w].try_acquire(&self.store, crit, self.now) {
-                            Acquire::Admitted(p) | Acquire::ShadowShed(p) => self.held.push((w, p)),
+                            Acquire::Admitted(p) => {
+                                // Admitted only below the limit in force now (give-ups
+                                // aside), whatever the limit was when slots were kept.
+                                let limit = u64::from(self.ws[w].limit());
+                                assert!(
+                                    u64::from(before.0 + before.1) < limit + self.untracked(),
+                                    "admitted with {before:?} in flight, limit {limit}"
+                                );
+                                if crit == S && self.untracked() == untracked {
+                                    let cap = f64_to_u32(self.cfg.sheddable_share * limit as f64);
+                                    assert!(
+                                        before.1 < cap + self.untracked() as u32,
+                                        "sheddable admitted with {before:?}, cap {cap}"
+                                    );
+                                }
+                                self.held.push((w, p));
+                            }
+                            Acquire::ShadowShed(p) => self.held.push((w, p)),
                             Acquire::Shed { severity } => assert!((0.0..=1.0).contains(&severity)),
                         }
                     }
@@ -1604,6 +1770,11 @@ mod tests {
                         }
                     }
                     Op::Conflicts(n) => self.left.set(n),
+                    Op::Pressure(eighths) => {
+                        for l in &mut self.ws {
+                            l.set_pressure_factor(f64::from(eighths) / 8.0);
+                        }
+                    }
                     Op::Crash { w } => {
                         self.next_id += 1;
                         self.ws[w] = Limiter::new(&self.cfg, 4, self.next_id);

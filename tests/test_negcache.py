@@ -74,6 +74,32 @@ def test_concurrent_lookups_of_one_missing_key_are_coalesced(sidecar):
     assert store_gets(kask, 404) <= 2, store_gets(kask, 404)
 
 
+def test_waiters_sent_on_to_the_store_time_their_own_round_trip(sidecar):
+    """A key the store has but the filter does not know yet: the first GET leads and
+    the others wait behind it. The leader's 200 cannot answer them, so they go to the
+    store themselves, and the adaptive limit must see their real round trip (about
+    the store's delay), not the ~0 ms between their response and the time they were
+    woken: a 0 ms median would drag the baseline RTT down and the limit with it."""
+    delay_ms = 300
+    plugin = {"admission": {"enabled": False},
+              "concurrency": {"mode": "adaptive", "adaptive": {"interval_ms": 100}}}
+    kask, envoy = sidecar(plugin=plugin, kask_flags=("--get-delay-ms", str(delay_ms)),
+                          concurrency=1)
+    path = "/sessions/v1/enwiki%3AMWSession%3Aknown-to-the-store-only"
+    assert harness.request(kask.port, "POST", path, b"PHP.sig.data").status == 201
+    n = 40
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        results = list(pool.map(lambda _: harness.request(envoy.port, "GET", path), range(n)))
+    assert [r.status for r in results] == [200] * n
+    # One Envoy worker: one leader, the rest waited and were sent on (not coalesced).
+    assert store_gets(kask, 200) == n
+    harness.wait_for(lambda: envoy.stats().get("sessionguard.sample_rtt_us", 0) > 0, 5,
+                     "the adaptive limit's first window")
+    sample_ms = envoy.stats()["sessionguard.sample_rtt_us"] / 1000
+    print(f"median RTT of the window: {sample_ms:.1f} ms (store delay {delay_ms} ms)")
+    assert sample_ms >= 0.8 * delay_ms, sample_ms
+
+
 def test_no_stale_404_under_concurrent_writers_and_readers(sidecar):
     """Writers POST hot keys while readers hammer them: after a 201 has been received,
     no GET sent later may see a 404 (the store has the value; a 404 is the cache)."""

@@ -20,7 +20,7 @@ use crate::singleflight::Join;
 
 use super::abi::{self, Headers};
 use super::store::HostStore;
-use super::worker::{Waiter, Worker};
+use super::worker::{Waiter, Woken, Worker};
 
 /// What a request did, kept until its end.
 pub struct Http {
@@ -191,12 +191,16 @@ pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
                 "sessionguard_coalesced",
             )
         };
-        if answered {
+        let woken = if answered {
             w.counts.coalesced += 1;
+            Woken::Answered
         } else {
             let _ = abi::resume_request();
-        }
-        w.answered.insert(*id, answered);
+            Woken::Resumed {
+                at_ns: abi::now_ns(),
+            }
+        };
+        w.woken.insert(*id, woken);
     }
     let _ = abi::set_effective_context(back_to);
 }
@@ -313,10 +317,11 @@ impl HttpContext for Http {
         }
         let worker = self.worker.clone();
         let mut w = worker.borrow_mut();
-        if let Some(answered) = w.answered.remove(&self.id) {
+        match w.woken.remove(&self.id) {
             // This request was paused behind a leader and has been woken.
-            self.local = answered;
-            self.started_ns = abi::now_ns();
+            Some(Woken::Answered) => self.local = true,
+            Some(Woken::Resumed { at_ns }) => self.started_ns = at_ns,
+            None => {}
         }
         if self.local {
             return Action::Continue;
@@ -340,8 +345,8 @@ impl HttpContext for Http {
         }
         let worker = self.worker.clone();
         let mut w = worker.borrow_mut();
-        if let Some(answered) = w.answered.remove(&self.id) {
-            self.local = answered;
+        if let Some(woken) = w.woken.remove(&self.id) {
+            self.local = woken == Woken::Answered;
         }
         if let Some(waiter) = w.waiters.remove(&self.id) {
             // The client left while paused behind a leader.

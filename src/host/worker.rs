@@ -42,6 +42,16 @@ pub struct Waiter {
     pub path: String,
 }
 
+/// How a paused waiter was woken, kept until its own context notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// Answered with its leader's 404.
+    Answered,
+    /// Sent on to the store at this time (ns): its round trip starts here, not at
+    /// its response (which would record a 0 ms RTT for the adaptive limit).
+    Resumed { at_ns: u64 },
+}
+
 pub struct Worker {
     pub config: Rc<Config>,
     pub metrics: Metrics,
@@ -56,8 +66,8 @@ pub struct Worker {
     seed: u64,
     pub flights: SingleFlight,
     pub waiters: HashMap<u32, Waiter>,
-    /// Woken waiters, until their own context notices: true = answered with the 404.
-    pub answered: HashMap<u32, bool>,
+    /// Woken waiters, until their own context notices.
+    pub woken: HashMap<u32, Woken>,
     pub pressure: Option<PressureSnapshot>,
     pub counts: Counts,
     occupancy: OccupancyScan,
@@ -90,7 +100,7 @@ impl Worker {
             seed,
             flights,
             waiters: HashMap::new(),
-            answered: HashMap::new(),
+            woken: HashMap::new(),
             pressure: None,
             counts: Counts::default(),
             occupancy: OccupancyScan::new(),
