@@ -10,6 +10,7 @@ pub mod config;
 pub mod election;
 pub mod fingerprint;
 pub mod gradient;
+pub mod header_pairs;
 pub mod keytable;
 pub mod limiter;
 pub mod negcache;

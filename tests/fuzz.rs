@@ -11,7 +11,7 @@
 //!   prints its seed and index, and `SG_FUZZ_START=i` restarts the campaign there);
 //! - `SG_FUZZ_REPORT=FILE`: appends one JSON line per target with its counts.
 //!
-//! Targets: Config::parse, classify + replies, the Prometheus parser, the pressure
+//! Targets: Config::parse, the serialized header map, classify + replies, the Prometheus parser, the pressure
 //! snapshot and tracker, the key table over garbage shards (with the no-stale-404
 //! oracle), the limiter, admission ring, gradient state, election lease and seed over
 //! garbage shared data, and single-flight bookkeeping.
@@ -32,6 +32,7 @@ use sessionguard::config::Config;
 use sessionguard::election::{Election, Lease, LEASE_KEY};
 use sessionguard::fingerprint::{init_seed, read_seed, Fingerprinter, SEED_KEY};
 use sessionguard::gradient::{Controller, GradientState, RttHistogram, GRADIENT_KEY};
+use sessionguard::header_pairs;
 use sessionguard::keytable::{KeyTable, Layout, OccupancyScan};
 use sessionguard::limiter::{
     Acquire, Completion, ConcurrencyConfig, Ending, LimitMode, Limiter, Permit, INFLIGHT_KEY,
@@ -660,6 +661,85 @@ fn check_problem(body: &[u8], path: &str) {
         .iter()
         .any(|&b| b < 0x20 && b != b'\n'));
     assert!(body.ends_with(b"}\n"));
+}
+
+/// Serializes header pairs like Envoy's `exportPairs` (proxy_get_header_map_pairs).
+fn header_map(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        for part in [k, v] {
+            out.extend_from_slice(part);
+            out.push(0);
+        }
+    }
+    out
+}
+
+#[test]
+fn fuzz_header_pairs() {
+    let names: [&[u8]; 6] = [
+        b":method",
+        b":path",
+        b":authority",
+        b"x-request-id",
+        b":pat",
+        b"",
+    ];
+    campaign("header_pairs", 20_000, |g| {
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..g.len(12))
+            .map(|_| {
+                let name = if g.one_in(5) {
+                    g.bytes(12)
+                } else {
+                    g.pick(&names).to_vec()
+                };
+                (name, g.bytes(60))
+            })
+            .collect();
+        let mut buf = header_map(&pairs);
+        let first = |name: &[u8]| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        };
+        if g.one_in(3) {
+            // Truncated, extended or corrupted: any answer but a panic. A change of
+            // length always leaves the layout, so it must yield nothing.
+            let len_before = buf.len();
+            match g.below(3) {
+                0 => buf.truncate(g.below(len_before as u64) as usize),
+                1 => buf.extend(g.bytes(8).into_iter().chain([0])),
+                _ => {
+                    let at = g.below(len_before.max(1) as u64) as usize;
+                    if let Some(b) = buf.get_mut(at) {
+                        *b ^= 1 + g.below(255) as u8;
+                    }
+                }
+            }
+            let got = header_pairs::find(&buf, [":method", ":path"]);
+            if buf.len() != len_before {
+                assert_eq!(got, [None, None]);
+                return Outcome("resized: nothing");
+            }
+            return Outcome(if got == [None, None] {
+                "corrupted: nothing"
+            } else {
+                "corrupted: read"
+            });
+        }
+        let [method, path] = header_pairs::find(&buf, [":method", ":path"]);
+        assert_eq!((method, path), (first(b":method"), first(b":path")));
+        Outcome(if method.is_some() && path.is_some() {
+            "both found"
+        } else {
+            "some absent"
+        })
+    });
 }
 
 #[test]

@@ -65,6 +65,11 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -159,6 +164,18 @@ pub fn header(map: Headers, name: &str) -> Result<Option<Vec<u8>>, HostStatus> {
     let code = unsafe {
         proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
     };
+    match code {
+        OK => Ok(unsafe { owned(data, size) }),
+        NOT_FOUND => Ok(None),
+        other => Err(HostStatus(other)),
+    }
+}
+
+/// A whole header map, serialized (read it with [`crate::header_pairs::find`]).
+pub fn header_pairs(map: Headers) -> Result<Option<Vec<u8>>, HostStatus> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let code = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
     match code {
         OK => Ok(unsafe { owned(data, size) }),
         NOT_FOUND => Ok(None),

@@ -13,6 +13,7 @@ use proxy_wasm::types::Action;
 
 use crate::admission::Decision;
 use crate::classify::{classify, Class, Criticality, Op};
+use crate::header_pairs;
 use crate::limiter::{Acquire, Completion, Ending, Permit};
 use crate::negcache::{Fill, Lookup, Mark, WriteTicket};
 use crate::reply::{self, Reply, ShedReason};
@@ -205,28 +206,28 @@ pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
     let _ = abi::set_effective_context(back_to);
 }
 
-fn request_header(name: &str) -> Vec<u8> {
-    abi::header(Headers::Request, name)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+/// A header's value as text; absent or not UTF-8 reads as empty (classified as
+/// "not a key operation", which passes untouched).
+fn text(value: Option<&[u8]>) -> &str {
+    std::str::from_utf8(value.unwrap_or_default()).unwrap_or("")
 }
 
 impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let method = request_header(":method");
-        let raw_path = request_header(":path");
-        let path = std::str::from_utf8(&raw_path).unwrap_or("");
+        // One read of the whole map: cheaper than two of single headers (one
+        // hostcall and one allocation in the VM, not two of each).
+        let map = abi::header_pairs(Headers::Request)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let [method, raw_path] = header_pairs::find(&map, [":method", ":path"]);
+        let path = text(raw_path);
         let worker = self.worker.clone();
         let mut w = worker.borrow_mut();
         let config = w.config.clone();
-        let request = classify(
-            std::str::from_utf8(&method).unwrap_or(""),
-            path,
-            &config.base_uri,
-        );
+        let request = classify(text(method), path, &config.base_uri);
         self.op = request.op;
         if self.op == Op::Other {
             // Health checks, metrics scrapes and requests the store rejects itself cost
