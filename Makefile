@@ -38,10 +38,11 @@ distinct-keys: build
 demo: build
 	.venv/bin/python scripts/demo.py
 
-# Throughput, latency and CPU per request against the no-op filter and native Envoy
-# (~14 minutes; installs wrk if missing), then the pure-core microbenchmarks; writes
-# docs/perf.md. bench-quick is the smoke variant (1 x 2 s per case, out/perf-quick.md):
-# it checks that every case ran and produced numbers, never how fast.
+# Throughput, latency and CPU per request against the no-op filter and native Envoy,
+# then the target pairs as sequential and shared-core duels (~16 minutes; installs wrk
+# if missing), then the pure-core microbenchmarks; writes docs/perf.md. bench-quick is
+# the smoke variant (1 x 2 s per case, out/perf-quick.md): it checks that every case
+# ran and produced numbers, never how fast.
 bench: build
 	.venv/bin/python scripts/bench.py
 

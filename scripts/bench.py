@@ -8,7 +8,12 @@ next to nothing) share core 1. Every case runs `--reps` times, interleaved (case
 B, C, A, B, C, ...) so that drift on the machine hits all cases alike, and the
 median is reported. A round still spans minutes, so the four target comparisons are
 then measured again as duels: the two cases alone, in short back-to-back runs in the
-order A B B A A B B A ..., one ratio per adjacent pair.
+order A B B A A B B A ..., one ratio per adjacent pair (sequential duels); and both
+at the same time on core 0, each proxy with its own wrk (shared-core duels): CFS
+splits the core evenly between two saturated proxies, so the machine's drift hits
+both alike and the throughput ratio is the inverse ratio of CPU per request. The
+verdict is the shared-core ratio when at least 3 of its runs had core 0 saturated
+and split evenly, else the sequential duel's.
 
 Cases: bare Envoy; the no-op wasm filter (ABI floor); sessionguard's pass path, write
 path, negative-cache hit and shed path; Envoy's own admission_control and
@@ -20,10 +25,12 @@ response of the run must have the expected class, and for sessionguard the filte
 own counters must have grown by the number of requests (a crashed VM under
 FAIL_OPEN would otherwise look like a very fast filter).
 
-    scripts/bench.py            full run (3 x 10 s per case, duels of 6 pairs x 3 s),
-                                writes docs/perf.md, then the pure-core
-                                microbenchmarks (cargo bench)
-    scripts/bench.py --quick    smoke run (1 x 2 s per case, duels of 2 pairs x 1 s),
+    scripts/bench.py            full run (3 x 10 s per case, duels of 4 pairs x 3 s,
+                                shared-core duels of 8 runs x 3 s), writes
+                                docs/perf.md, then the pure-core microbenchmarks
+                                (cargo bench)
+    scripts/bench.py --quick    smoke run (1 x 2 s per case, duels of 2 pairs x 1 s,
+                                shared-core duels of 2 runs x 1 s),
                                 writes out/perf-quick.md;
                                 checks that every case ran and produced numbers,
                                 asserts nothing about speed
@@ -384,14 +391,18 @@ def wrk_script(workdir: Path, case: Case) -> Path:
     return path
 
 
-def run_wrk(args, workdir: Path, case: Case, port: int, duration: float, log_name: str) -> dict:
+def start_wrk(args, workdir: Path, case: Case, port: int, duration: float,
+              log_name: str) -> tuple[subprocess.Popen, Path]:
     cmd = []
     if args.pin:
         cmd += ["taskset", "-c", "1"]
     cmd += [args.wrk, "-t1", f"-c{args.connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
             "-s", str(wrk_script(workdir, case)), f"http://127.0.0.1:{port}{case.path}"]
     log = workdir / log_name
-    proc = harness.spawn(cmd, log)
+    return harness.spawn(cmd, log), log
+
+
+def wrk_result(case: Case, duration: float, proc: subprocess.Popen, log: Path) -> dict:
     try:
         proc.wait(timeout=duration + 30)
     finally:
@@ -401,6 +412,22 @@ def run_wrk(args, workdir: Path, case: Case, port: int, duration: float, log_nam
     if not m:
         raise RuntimeError(f"wrk produced no result for {case.name}:\n{text[-2000:]}")
     return json.loads(m.group(1))
+
+
+def run_wrks(args, workdir: Path, runs: list[tuple[Case, Proxy]], duration: float, tag: str) -> list[dict]:
+    """One wrk per (case, proxy), all running at the same time (started in the order given,
+    a few ms apart); their results in that order. The cases must differ: each wrk's Lua script
+    and log are named after its case."""
+    if len({c.name for c, _ in runs}) != len(runs):
+        raise ValueError(f"run_wrks: the same case twice in {[c.name for c, _ in runs]}")
+    started: list[tuple[subprocess.Popen, Path]] = []
+    try:
+        for case, proxy in runs:
+            started.append(start_wrk(args, workdir, case, proxy.envoy.port, duration, f"wrk-{case.name}-{tag}.log"))
+        return [wrk_result(case, duration, *s) for (case, _), s in zip(runs, started)]
+    finally:
+        for proc, _ in started:
+            harness.stop(proc)
 
 
 def probe(case: Case, port: int) -> str | None:
@@ -431,54 +458,97 @@ class Sample:
     filter_seen: float | None
 
 
-def measure(args, workdir: Path, case: Case, proxy: Proxy, upstream: Proxy, tag: str,
-            warmup: float, duration: float) -> Sample:
-    e = proxy.envoy
-    problem = probe(case, e.port)
-    if problem:
-        raise RuntimeError(f"{case.name}: {problem}")
-    # Warm-up: connections, V8 tiers, caches, the adaptive limit.
-    run_wrk(args, workdir, case, e.port, warmup, f"wrk-{case.name}-{tag}-warm.log")
-    time.sleep(0.25)  # let a tick export the warm-up's counts
-    before_stats = stats(e) if case.sessionguard else {}
-    cpu_before, up_before, cores_before = process_cpu_ns(e.proc.pid), process_cpu_ns(upstream.envoy.proc.pid), cpu_times()
-    t0 = time.monotonic()
-    result = run_wrk(args, workdir, case, e.port, duration, f"wrk-{case.name}-{tag}.log")
-    wall = time.monotonic() - t0
-    cpu_after, up_after, cores_after = process_cpu_ns(e.proc.pid), process_cpu_ns(upstream.envoy.proc.pid), cpu_times()
+@dataclass
+class Mark:
+    """CPU counters at one instant; a run's CPU numbers are the differences between two marks."""
+    t: float
+    cores: dict[int, tuple[int, int, int]]
+    proxy_ns: dict[str, int]   # by proxy name: CPU time of all its threads so far (all on core 0)
+    upstream_ns: int
+
+
+def mark(proxies: list[Proxy], upstream: Proxy) -> Mark:
+    return Mark(time.monotonic(), cpu_times(), {p.name: process_cpu_ns(p.envoy.proc.pid) for p in proxies},
+                process_cpu_ns(upstream.envoy.proc.pid))
+
+
+def filter_count(case: Case, proxy: Proxy) -> int | None:
+    """The sessionguard counter that must grow by the run's requests (None: not a sessionguard case)."""
+    return stats(proxy.envoy).get(case.counter, 0) if case.sessionguard else None
+
+
+def filter_seen(case: Case, proxy: Proxy, before: int | None, n: int) -> float | None:
+    """How much of the n requests the filter's own counter saw."""
+    if before is None:
+        return None
+    # Counts reach Envoy's stats on the filter's next tick (100 ms); allow a slow one.
+    deadline = time.monotonic() + 3.0
+    while True:
+        time.sleep(0.15)
+        grew = filter_count(case, proxy) - before
+        if grew >= n or time.monotonic() > deadline:
+            break
+    return grew / n if n else 0.0
+
+
+def end_sample(case: Case, proxy: Proxy, result: dict, count_before: int | None, before: Mark,
+               after: Mark) -> Sample:
+    """One case's numbers from its wrk result and the marks around the measured run."""
     n = result["requests"]
-    seen = None
-    if case.sessionguard:
-        # Counts reach Envoy's stats on the filter's next tick (100 ms); allow a slow one.
-        deadline = time.monotonic() + 3.0
-        while True:
-            time.sleep(0.15)
-            grew = stats(e).get(case.counter, 0) - before_stats.get(case.counter, 0)
-            if grew >= n or time.monotonic() > deadline:
-                break
-        seen = grew / n if n else 0.0
-    crash = vm_crashed(e) if case.sessionguard else None
+    seen = filter_seen(case, proxy, count_before, n)
+    crash = vm_crashed(proxy.envoy) if case.sessionguard else None
     if crash:
         raise RuntimeError(f"{case.name}: the wasm VM crashed: {crash}")
     # wrk counts statuses >= 400 as errors; a case expecting 404/503 expects all of them.
     unexpected = (n - result["status_errors"]) if case.expect >= 400 else result["status_errors"]
     unexpected += result["connect_errors"] + result["read_errors"] + result["write_errors"] + result["timeouts"]
     secs = result["duration_us"] / 1e6
+    wall = after.t - before.t
+    cpu_ns = after.proxy_ns[proxy.name] - before.proxy_ns[proxy.name]
+    proxies_ns = sum(after.proxy_ns.values()) - sum(before.proxy_ns.values())
+    busy0 = busy_share(before.cores, after.cores, 0)
+    # The upstream's CPU is this case's only when no other proxy sent it requests meanwhile.
+    alone = len(after.proxy_ns) == 1
     return Sample(
         rps=n / secs if secs else 0.0,
         p50_ms=result["p50_us"] / 1000,
         p99_ms=result["p99_us"] / 1000,
-        cpu_us=(cpu_after - cpu_before) / 1000 / n if n else None,
-        upstream_cpu_us=(up_after - up_before) / 1000 / n if n else None,
-        core0=busy_share(cores_before, cores_after, 0),
-        core1=busy_share(cores_before, cores_after, 1),
-        steal0=busy_share(cores_before, cores_after, 0, what=2),
-        other0=max(0.0, (busy_share(cores_before, cores_after, 0) or 0.0)
-                   - (cpu_after - cpu_before) / 1e9 / wall) if wall > 0 else None,
+        cpu_us=cpu_ns / 1000 / n if n else None,
+        upstream_cpu_us=(after.upstream_ns - before.upstream_ns) / 1000 / n if n and alone else None,
+        core0=busy0,
+        core1=busy_share(before.cores, after.cores, 1),
+        steal0=busy_share(before.cores, after.cores, 0, what=2),
+        other0=max(0.0, (busy0 or 0.0) - proxies_ns / 1e9 / wall) if wall > 0 else None,
         requests=n,
         unexpected=unexpected,
         filter_seen=seen,
     )
+
+
+def measure_together(args, workdir: Path, runs: list[tuple[Case, Proxy]], upstream: Proxy, tag: str,
+                     warmup: float, duration: float) -> list[Sample]:
+    """Probes each case, then warms up and measures all of them at the same time, one wrk
+    each (started in the order given); one Sample per case, in that order."""
+    for case, proxy in runs:
+        problem = probe(case, proxy.envoy.port)
+        if problem:
+            raise RuntimeError(f"{case.name}: {problem}")
+    # Warm-up: connections, V8 tiers, caches, the adaptive limit.
+    run_wrks(args, workdir, runs, warmup, f"{tag}-warm")
+    time.sleep(0.25)  # let a tick export the warm-up's counts
+    counts = [filter_count(case, proxy) for case, proxy in runs]
+    proxies = [proxy for _, proxy in runs]
+    before = mark(proxies, upstream)
+    results = run_wrks(args, workdir, runs, duration, tag)
+    after = mark(proxies, upstream)
+    return [end_sample(case, proxy, result, count, before, after)
+            for (case, proxy), result, count in zip(runs, results, counts)]
+
+
+def measure(args, workdir: Path, case: Case, proxy: Proxy, upstream: Proxy, tag: str,
+            warmup: float, duration: float) -> Sample:
+    """One case alone: the proxy has core 0 to itself."""
+    return measure_together(args, workdir, [(case, proxy)], upstream, tag, warmup, duration)[0]
 
 
 def sample_problems(case: Case, x: Sample) -> list[str]:
@@ -528,22 +598,118 @@ def duel(args, workdir: Path, case: Case, base: Case, proxies: dict[str, Proxy],
     return pairs
 
 
-def run_duels(args, workdir: Path, selected: list[Case], proxies: dict[str, Proxy], upstream: Proxy,
-              failures: list[str]) -> dict[tuple[str, str], list[Pair]]:
-    """A duel for each target whose two cases were both selected (their proxies are up)."""
+def for_targets(what: str, selected: list[Case], failures: list[str], run) -> dict[tuple[str, str], list]:
+    """run(case, baseline) for each target whose two cases were both selected (their proxies
+    are up); a failure is recorded and the next target runs."""
     chosen = {c.name: c for c in selected}
-    duels = {}
+    out = {}
     for _, a, b, _ in TARGETS:
         missing = [n for n in (a, b) if n not in chosen]
         if missing:
-            print(f"bench: duel {a} vs {b} skipped: {', '.join(missing)} not among the cases", flush=True)
+            print(f"bench: {what} {a} vs {b} skipped: {', '.join(missing)} not among the cases", flush=True)
             continue
         try:
-            duels[(a, b)] = duel(args, workdir, chosen[a], chosen[b], proxies, upstream)
-        except Exception as exc:  # noqa: BLE001 - report every duel, fail at the end
-            failures.append(f"duel {a} vs {b}: {exc}")
-            print(f"bench: duel {a} vs {b}: FAILED: {exc}", flush=True)
-    return duels
+            out[(a, b)] = run(chosen[a], chosen[b])
+        except Exception as exc:  # noqa: BLE001 - report every target, fail at the end
+            failures.append(f"{what} {a} vs {b}: {exc}")
+            print(f"bench: {what} {a} vs {b}: FAILED: {exc}", flush=True)
+    return out
+
+
+def run_duels(args, workdir: Path, selected: list[Case], proxies: dict[str, Proxy], upstream: Proxy,
+              failures: list[str]) -> dict[tuple[str, str], list[Pair]]:
+    return for_targets("duel", selected, failures,
+                       lambda a, b: duel(args, workdir, a, b, proxies, upstream))
+
+
+# Shared-core duels: the two proxies of a target at the same time, both on core 0, each
+# with its own wrk. A run is flagged when CFS cannot have split the core evenly: core 0
+# not saturated, or the two proxies' CPU seconds further apart than this.
+SHARED_MIN_BUSY = 0.90
+SHARED_MAX_SPLIT = 0.15
+SHARED_MIN_RUNS = 3  # unflagged runs needed for the shared-core duel to give the verdict
+
+
+@dataclass
+class SharedRun:
+    case: Sample
+    base: Sample
+    first: str                  # the case whose wrk was started first
+    cpu_s: tuple[float, float]  # CPU seconds of the case's proxy and the baseline's during the run
+    flag: str | None            # why the core was not split evenly (the throughput ratio is then off)
+
+
+def shared_pairs(runs: list[SharedRun], unflagged: bool = False) -> list[Pair]:
+    return [(r.case, r.base) for r in runs if not (unflagged and r.flag)]
+
+
+def shared_flag(x: Sample, y: Sample) -> tuple[tuple[float, float], str | None]:
+    cpu = tuple((s.cpu_us or 0.0) * s.requests / 1e6 for s in (x, y))
+    why = []
+    if x.core0 is None or x.core0 < SHARED_MIN_BUSY:
+        why.append(f"core 0 busy {fmt(x.core0 and 100 * x.core0, '{:.0f}%')}")
+    if min(cpu) <= 0 or max(cpu) / min(cpu) > 1 + SHARED_MAX_SPLIT:
+        why.append(f"CPU split {cpu[0]:.2f} s / {cpu[1]:.2f} s")
+    return cpu, "; ".join(why) or None
+
+
+def start_proxy(workdir: Path, proxy: Proxy, pin_it: bool) -> Proxy:
+    proxy.envoy = harness.Envoy(workdir, proxy.config, concurrency=1).start()
+    proxy.pinned = pin_it and pin(proxy.envoy.proc.pid, 0)
+    return proxy
+
+
+PRIMED = ("sg", "sg-off", "sg-negcache", "sg-admission", "sg-limiter")
+
+
+def prime(proxy: Proxy) -> None:
+    """The known key known to exist, the missing one cached missing."""
+    harness.request(proxy.envoy.port, "GET", KNOWN_PATH)
+    harness.request(proxy.envoy.port, "GET", MISSING_PATH)
+    time.sleep(0.2)
+
+
+def shared_duel(args, workdir: Path, case: Case, base: Case, proxies: dict[str, Proxy],
+                upstream: Proxy) -> list[SharedRun]:
+    """`--shared-runs` runs of both cases at the same time on core 0, each proxy driven by its
+    own wrk, the one started first alternating. When both are saturated CFS gives each half
+    the core, so drift of the machine hits both alike and the throughput ratio is the inverse
+    ratio of CPU per request. Two cases of one proxy get a twin of it for the baseline."""
+    pa, pb = proxies[case.proxy], proxies[base.proxy]
+    twin = None
+    try:
+        if pa is pb:
+            twin = pb = Proxy(f"{pb.name}-twin", pb.config)
+            start_proxy(workdir, twin, args.pin)
+            if pa.name in PRIMED:
+                prime(twin)
+            # As much traffic as one round gave the original (V8 tiers, the adaptive limit).
+            run_wrks(args, workdir, [(base, twin)], args.duration, "twin-warm")
+        runs = []
+        for i in range(args.shared_runs):
+            order = [(case, pa), (base, pb)] if i % 2 == 0 else [(base, pb), (case, pa)]
+            got = measure_together(args, workdir, order, upstream, f"shared{i}", DUEL_WARMUP, args.shared_seconds)
+            x, y = got if order[0][0] is case else got[::-1]
+            cpu, flag = shared_flag(x, y)
+            runs.append(SharedRun(x, y, order[0][0].name, cpu, flag))
+            rps, ratio = duel_ratios([(x, y)])
+            print(f"bench: shared-core duel {case.name} vs {base.name} [{i + 1}/{args.shared_runs}, "
+                  f"{order[0][0].name} first]: throughput {spread(rps)}, implied by proxy CPU {spread(ratio)}, "
+                  f"core 0 busy {fmt(x.core0 and 100 * x.core0, '{:.0f}%')} "
+                  f"(other work {fmt(x.other0 is not None and 100 * x.other0, '{:.0f}%')}), "
+                  f"CPU {cpu[0]:.2f} s / {cpu[1]:.2f} s{f'; FLAGGED: {flag}' if flag else ''}", flush=True)
+        return runs
+    finally:
+        if twin and twin.envoy:
+            twin.envoy.stop()
+
+
+def run_shared_duels(args, workdir: Path, selected: list[Case], proxies: dict[str, Proxy], upstream: Proxy,
+                     failures: list[str]) -> dict[tuple[str, str], list[SharedRun]]:
+    if not args.shared_runs:
+        return {}
+    return for_targets("shared-core duel", selected, failures,
+                       lambda a, b: shared_duel(args, workdir, a, b, proxies, upstream))
 
 
 def duel_ratios(pairs: list[Pair]) -> tuple[list[float], list[float]]:
@@ -643,19 +809,31 @@ def results_table(samples: dict[str, list[Sample]], group: str = "main") -> tupl
     return lines, rows
 
 
-def targets(samples: dict[str, list[Sample]], duels: dict[tuple[str, str], list[Pair]]) -> list[str]:
-    """Table rows. The verdict is the duel's median throughput ratio; the rounds' only when there
-    was no duel (`--duel-pairs 0`), and then it says so."""
+def targets(samples: dict[str, list[Sample]], duels: dict[tuple[str, str], list[Pair]],
+            shared: dict[tuple[str, str], list[SharedRun]]) -> list[str]:
+    """Table rows. The verdict is the shared-core duel's median throughput ratio over its
+    unflagged runs when there are at least SHARED_MIN_RUNS of them, else the sequential duel's
+    median, else (`--duel-pairs 0`) the rounds'; the cell says which."""
     out = []
     for what, a, b, want in TARGETS:
         rounds = round_ratios(samples, a, b)
         rps, cpu = duel_ratios(duels.get((a, b), []))
-        ratio = med(rps) if rps else med(rounds)
+        runs = shared.get((a, b), [])
+        s_rps, _ = duel_ratios(shared_pairs(runs, unflagged=True))
+        _, s_cpu = duel_ratios(shared_pairs(runs))
+        if len(s_rps) >= SHARED_MIN_RUNS:
+            ratio, by = med(s_rps), "shared core"
+        elif rps:
+            ratio, by = med(rps), "sequential duel"
+        else:
+            ratio, by = med(rounds), "rounds"
         if ratio is None:
             continue
-        verdict = ("met" if ratio >= want else "**not met**") + ("" if rps else " (by rounds)")
+        verdict = f"{'met' if ratio >= want else '**not met**'} ({by})"
         each = f"{med(rounds):.2f}x ({' / '.join(f'{r:.2f}' for r in rounds)})" if rounds else "–"
-        out.append(f"| {what} | {spread(rps)} | {spread(cpu)} | {each} | {verdict} |")
+        flagged = f"{sum(1 for r in runs if r.flag)} of {len(runs)}" if runs else "–"
+        out.append(f"| {what} | {spread(rps)} | {spread(cpu)} | {spread(s_rps)} | {spread(s_cpu)} | {flagged} | "
+                   f"{each} | {verdict} |")
     return out
 
 
@@ -682,8 +860,8 @@ def hostcall_section(hc: dict | None) -> list[str]:
     if not hc:
         return ["(hostcall counter did not run: node missing or it failed)"]
     out = [
-        "| path | hostcalls | allocation callbacks | per callback |",
-        "|---|---:|---:|---|",
+        "| path | hostcalls | allocation callbacks | first request after a tick (hostcalls, allocations) | per callback |",
+        "|---|---:|---:|---:|---|",
     ]
     for p in hc["paths"]:
         detail = "; ".join(
@@ -691,7 +869,8 @@ def hostcall_section(hc: dict | None) -> list[str]:
                                      if k != "(alloc callback)")
             for phase, calls in p["byPhase"].items())
         flag = "" if p["ok"] else " (**path check failed**)"
-        out.append(f"| {p['name']}{flag} | {p['total']} | {p['allocs']} | {detail or '–'} |")
+        out.append(f"| {p['name']}{flag} | {p['total']:g} | {p['allocs']:g} | {p['first_total']}, {p['first_allocs']} "
+                   f"| {detail or '–'} |")
     t = hc.get("tick")
     if t:
         out.append("")
@@ -757,14 +936,19 @@ def run_criterion(quick: bool) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 x 2 s per case (after 1 s of warm-up), duels of 2 pairs x 1 s, no criterion")
+                    help="smoke run: 1 x 2 s per case (after 1 s of warm-up), duels of 2 pairs x 1 s, "
+                         "shared-core duels of 2 runs x 1 s, no criterion")
     ap.add_argument("--reps", type=int, help="runs per case (default 3; quick 1)")
     ap.add_argument("--duration", type=int, help="seconds per measured run (default 10; quick 2)")
     ap.add_argument("--warmup", type=int, help="seconds of warm-up before each run (default 2; quick 1)")
     ap.add_argument("--duel-pairs", type=int,
-                    help="pairs of back-to-back runs per target duel (default 6; quick 2; 0: none; "
+                    help="pairs of back-to-back runs per target duel (default 4; quick 2; 0: none; "
                          "an even number balances the order)")
     ap.add_argument("--duel-seconds", type=int, help="seconds per measured duel run (default 3; quick 1)")
+    ap.add_argument("--shared-runs", type=int,
+                    help="runs per target of the shared-core duel, both proxies at the same time on core 0 "
+                         "(default 8; quick 2; 0: none; an even number balances which wrk starts first)")
+    ap.add_argument("--shared-seconds", type=int, help="seconds per measured shared-core run (default 3; quick 1)")
     ap.add_argument("--connections", type=int, default=16, help="wrk connections (closed loop)")
     ap.add_argument("--cases", help="comma-separated subset of: " + ",".join(c.name for c in CASES))
     ap.add_argument("--out", help="report path (default docs/perf.md; quick out/perf-quick.md)")
@@ -780,8 +964,10 @@ def main() -> int:
     args.retries = args.retries if args.retries is not None else (0 if args.quick else 2)
     args.duration = args.duration or (2 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.duel_pairs = args.duel_pairs if args.duel_pairs is not None else (2 if args.quick else 6)
+    args.duel_pairs = args.duel_pairs if args.duel_pairs is not None else (2 if args.quick else 4)
     args.duel_seconds = args.duel_seconds or (1 if args.quick else 3)
+    args.shared_runs = args.shared_runs if args.shared_runs is not None else (2 if args.quick else 8)
+    args.shared_seconds = args.shared_seconds or (1 if args.quick else 3)
     out_path = Path(args.out) if args.out else ROOT / ("out/perf-quick.md" if args.quick else "docs/perf.md")
     args.pin = args.pin and bool(shutil.which("taskset")) and (os.cpu_count() or 1) >= 2
     selected = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
@@ -814,6 +1000,7 @@ def main() -> int:
     upstream = Proxy("upstream", upstream_config())
     proxies: dict[str, Proxy] = {}
     duels: dict[tuple[str, str], list[Pair]] = {}
+    shared: dict[tuple[str, str], list[SharedRun]] = {}
     try:
         upstream.envoy = harness.Envoy(workdir, upstream.config, concurrency=1).start()
         if args.pin:
@@ -844,16 +1031,11 @@ def main() -> int:
         for name, proxy in build_proxies(up_port, memory_ok).items():
             if name not in needed:
                 continue
-            proxy.envoy = harness.Envoy(workdir, proxy.config, concurrency=1).start()
-            proxy.pinned = args.pin and pin(proxy.envoy.proc.pid, 0)
-            proxies[name] = proxy
+            proxies[name] = start_proxy(workdir, proxy, args.pin)
         # Prime the caches: the known key is known to exist, the missing one cached missing.
-        for name in ("sg", "sg-off", "sg-negcache", "sg-admission", "sg-limiter"):
+        for name in PRIMED:
             if name in proxies:
-                port = proxies[name].envoy.port
-                harness.request(port, "GET", KNOWN_PATH)
-                harness.request(port, "GET", MISSING_PATH)
-                time.sleep(0.2)
+                prime(proxies[name])
 
         for rep in range(args.reps):
             for case in selected:
@@ -879,6 +1061,7 @@ def main() -> int:
                 if s is not None:
                     samples.setdefault(case.name, []).append(s)
         duels = run_duels(args, workdir, selected, proxies, upstream, failures)
+        shared = run_shared_duels(args, workdir, selected, proxies, upstream, failures)
     finally:
         for p in proxies.values():
             if p.envoy:
@@ -896,8 +1079,9 @@ def main() -> int:
             continue
         failures += [p for x in s for p in sample_problems(case, x)]
     cases = {c.name: c for c in CASES}
-    for (a, b), pairs in duels.items():
-        failures += [f"duel: {p}" for x, y in pairs
+    for what, (a, b), pairs in [*(("duel", k, v) for k, v in duels.items()),
+                                *(("shared-core duel", k, shared_pairs(v)) for k, v in shared.items())]:
+        failures += [f"{what}: {p}" for x, y in pairs
                      for p in sample_problems(cases[a], x) + sample_problems(cases[b], y)]
 
     if retried:
@@ -924,7 +1108,7 @@ def main() -> int:
     mech_table, _ = results_table(samples, "mechanism")
     finished = datetime.datetime.now(datetime.timezone.utc)
     report = render(args, command, started, finished, load_start, loadavg(), table, mech_table, rows, samples,
-                    duels, hc, crit, notes, failures) + failures_note
+                    duels, shared, hc, crit, notes, failures) + failures_note
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(report)
     raw = ROOT / "out" / ("bench-quick" if args.quick else "bench")
@@ -932,8 +1116,11 @@ def main() -> int:
     Path(f"{raw}-samples.json").write_text(json.dumps({k: [vars(x) for x in v] for k, v in samples.items()}, indent=1))
     Path(f"{raw}-duels.json").write_text(json.dumps(
         {f"{a} vs {b}": [{a: vars(x), b: vars(y)} for x, y in pairs] for (a, b), pairs in duels.items()}, indent=1))
+    Path(f"{raw}-shared.json").write_text(json.dumps(
+        {f"{a} vs {b}": [{a: vars(r.case), b: vars(r.base), "first": r.first, "cpu_s": r.cpu_s, "flag": r.flag}
+                         for r in runs] for (a, b), runs in shared.items()}, indent=1))
     print("\n".join(table))
-    print("\n".join(targets(samples, duels)))
+    print("\n".join(targets(samples, duels, shared)))
     print(f"bench: wrote {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}")
     if failures:
         print("bench: FAILED checks:\n  " + "\n  ".join(failures), file=sys.stderr)
@@ -941,8 +1128,8 @@ def main() -> int:
     return 0
 
 
-def render(args, command, started, finished, load_start, load_end, table, mech_table, rows, samples, duels, hc,
-           crit, notes, failures) -> str:
+def render(args, command, started, finished, load_start, load_end, table, mech_table, rows, samples, duels, shared,
+           hc, crit, notes, failures) -> str:
     make = "make bench-quick" if args.quick else "make bench"
     pinned = "every Envoy thread pinned with `taskset -a -p -c 0`; wrk and the upstream on core 1" if args.pin \
         else "not pinned (taskset missing or a single CPU)"
@@ -976,19 +1163,20 @@ def render(args, command, started, finished, load_start, load_end, table, mech_t
         "",
         "`vs no-op` compares with the no-op filter for the same method (GET, or POST for the write path). "
         "Ratios are medians of per-round ratios (the two cases ran seconds to a minute apart); the Targets table "
-        "measures the target pairs again, back to back. req/s, latency and CPU are medians over runs.",
+        "measures the target pairs again, back to back and side by side on one core. req/s, latency and CPU are medians over runs.",
         "",
         READING_NOTE,
         "",
     ]
     if notes:
         lines += [*(f"- {n}" for n in notes), ""]
-    t = targets(samples, duels)
+    t = targets(samples, duels, shared)
     if t:
         lines += ["## Targets", "", targets_method(args), "",
-                  "| target | duel: throughput ratio, median (min–max) | duel: ratio implied by proxy CPU | "
-                  "rounds: median (each round) | |",
-                  "|---|---:|---:|---|---|", *t, ""]
+                  "| target | sequential duel: throughput ratio, median (min–max) | sequential duel: ratio implied "
+                  "by proxy CPU | shared core: throughput ratio (unflagged runs) | shared core: ratio implied by "
+                  "proxy CPU (all runs) | shared core: flagged runs | rounds: median (each round) | verdict (by) |",
+                  "|---|---:|---:|---:|---:|---:|---|---|", *t, ""]
     cb = cpu_breakdown(rows)
     if cb:
         lines += ["## Where the CPU goes", "", *cb, ""]
@@ -1018,7 +1206,10 @@ def render(args, command, started, finished, load_start, load_end, table, mech_t
         "Counted by `node scripts/hostcalls.mjs` (run by this script): a minimal proxy-wasm host in Node "
         "that loads the same `.wasm`, implements the ABI as Envoy does for the calls sessionguard makes, drives "
         "whole request lifecycles with the benchmark's plugin configurations and counts every import the module "
-        "calls, per callback. *Allocation callbacks* are the host's calls back into the module "
+        "calls, per callback, as the mean over 100 requests after a tick of 320 requests (a loaded VM: it "
+        "then times one request in ten, see `src/clock.rs`, and its limiter takes back unwritten releases); "
+        "the first request after a tick, which may write what the tick settled, is shown apart. "
+        "*Allocation callbacks* are the host's calls back into the module "
         "(`proxy_on_memory_allocate`) to hand over returned data (header values, shared-data values): each is "
         "another V8 boundary crossing. Both filters also receive the same 7 callbacks per request "
         "(context create, request headers, response headers, response body, log, done, delete): that is the "
@@ -1031,7 +1222,7 @@ def render(args, command, started, finished, load_start, load_end, table, mech_t
         lines += [
             "## Pure-core microbenchmarks (native, criterion)",
             "",
-            "`cargo bench -p sessionguard --bench core` (benches/core.rs; release profile: `opt-level = \"s\"`, "
+            "`cargo bench -p sessionguard --bench core` (benches/core.rs; release profile: `opt-level = 3`, "
             "LTO). The shared store is the in-memory `MemStore`, which copies values in and out like Envoy's "
             "shared data; no hostcall costs are included. `decision/*` is the core's whole work for one request "
             "on each path, in the order `src/host/http.rs` runs it. Target: < 1 µs per request decision.",
@@ -1046,15 +1237,36 @@ def render(args, command, started, finished, load_start, load_end, table, mech_t
 
 
 def targets_method(args) -> str:
-    if not args.duel_pairs:
-        return ("Throughput ratios, each the median over rounds of the ratio within a round; no duels were run "
-                "(`--duel-pairs 0`), so the verdicts rest on the rounds.")
-    return (f"Each target is a *duel*: the two cases alone, {args.duel_pairs} pairs of back-to-back runs "
-            f"({args.duel_seconds} s measured after {DUEL_WARMUP} s of warm-up) in the order A B, B A, A B, …, "
-            "so the runs of a pair are seconds apart and drift that is linear in time favours each case equally "
-            "often. Per pair: the throughput ratio, and the ratio the proxy CPU per request implies (the "
-            "baseline's µs / the case's); median and range over the pairs. The verdict is the median throughput "
-            "ratio of the duel; `rounds` repeats the Results table's per-round ratios for comparison.")
+    """Two paragraphs: the sequential duel, then the shared-core duel and the verdict."""
+    sequential = (
+        f"Each target is first a *sequential duel*: the two cases alone, {args.duel_pairs} pairs of "
+        f"back-to-back runs ({args.duel_seconds} s measured after {DUEL_WARMUP} s of warm-up) in the order "
+        "A B, B A, A B, …, so the runs of a pair are seconds apart and drift that is linear in time favours "
+        "each case equally often. Per pair: the throughput ratio, and the ratio the proxy CPU per request "
+        "implies (the baseline's µs / the case's); median and range over the pairs. `rounds` repeats the "
+        "Results table's per-round ratios for comparison. On this VM the speed drifts by tens of percent "
+        "within seconds, which a sequential duel cannot cancel; hence the shared-core duel."
+    ) if args.duel_pairs else (
+        "`rounds`: throughput ratios, each the median over rounds of the ratio within a round; no "
+        "sequential duels were run (`--duel-pairs 0`).")
+    shared = (
+        "The *shared-core duel* runs the two proxies of a target at the same time, both pinned to core 0, "
+        f"each driven by its own wrk on core 1 ({args.connections} connections each, started together, the "
+        f"one started first alternating): {args.shared_runs} runs of {args.shared_seconds} s after "
+        f"{DUEL_WARMUP} s of warm-up. While both proxies are saturated the scheduler (CFS) gives each half of "
+        "core 0, so whatever the machine's speed does during a run it does to both alike and cancels out of "
+        "the ratio; the throughput ratio is then the inverse ratio of CPU per request. Two cases of one "
+        "proxy (negative-cache hit and pass path) get a twin Envoy of the same configuration for the "
+        f"baseline. A run is *flagged* when core 0 was less than {100 * SHARED_MIN_BUSY:.0f}% busy or the "
+        f"two proxies' CPU seconds differ by more than {100 * SHARED_MAX_SPLIT:.0f}%: then the core was not "
+        "split evenly and the throughput ratio is not the CPU ratio (the CPU-implied ratio still is). The "
+        "throughput column is over the unflagged runs, the CPU-implied one over all. **Verdict:** the "
+        f"shared-core median throughput ratio when at least {SHARED_MIN_RUNS} runs are unflagged, else the "
+        "sequential duel's median (else the rounds'); the verdict column names which."
+    ) if args.shared_runs else (
+        "No shared-core duels were run (`--shared-runs 0`): the verdict is the sequential duel's median "
+        "throughput ratio (the rounds' where there was no duel either).")
+    return f"{sequential}\n\n{shared}"
 
 
 READING_NOTE = (

@@ -12,40 +12,36 @@ use crate::wire::u32_at;
 /// `None` when absent. A buffer that does not follow the layout yields no values at
 /// all, never a panic or a value read from the wrong place.
 pub fn find<'a, const N: usize>(buf: &'a [u8], names: [&str; N]) -> [Option<&'a [u8]>; N] {
-    let mut found = [None; N];
-    let Some(pairs) = parse(buf) else {
+    const NOTHING: Option<&[u8]> = None;
+    let mut found = [NOTHING; N];
+    if buf.is_empty() {
         return found;
-    };
-    for (key, value) in pairs {
-        for (slot, name) in found.iter_mut().zip(names) {
-            if slot.is_none() && key == name.as_bytes() {
-                *slot = Some(value);
+    }
+    // No allocation: one pass that keeps the first value of each name and checks the
+    // whole layout, answering only if all of it holds.
+    let layout_ok = (|| {
+        let n = usize::try_from(u32_at(buf, 0)?).ok()?;
+        let mut data = n.checked_mul(8)?.checked_add(4)?;
+        if data > buf.len() {
+            return None;
+        }
+        for i in 0..n {
+            let key_len = usize::try_from(u32_at(buf, 4 + 8 * i)?).ok()?;
+            let value_len = usize::try_from(u32_at(buf, 8 + 8 * i)?).ok()?;
+            let key = field(buf, &mut data, key_len)?;
+            let value = field(buf, &mut data, value_len)?;
+            for (slot, name) in found.iter_mut().zip(names) {
+                if slot.is_none() && key == name.as_bytes() {
+                    *slot = Some(value);
+                }
             }
         }
+        (data == buf.len()).then_some(())
+    })();
+    if layout_ok.is_none() {
+        found = [NOTHING; N];
     }
     found
-}
-
-/// All pairs, or `None` if the buffer is malformed anywhere (checked before any
-/// value is used, so a truncated map cannot yield a partial answer).
-fn parse(buf: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
-    if buf.is_empty() {
-        return Some(Vec::new());
-    }
-    let n = usize::try_from(u32_at(buf, 0)?).ok()?;
-    let mut data = n.checked_mul(8)?.checked_add(4)?;
-    if data > buf.len() {
-        return None;
-    }
-    let mut pairs = Vec::with_capacity(n);
-    for i in 0..n {
-        let key_len = usize::try_from(u32_at(buf, 4 + 8 * i)?).ok()?;
-        let value_len = usize::try_from(u32_at(buf, 8 + 8 * i)?).ok()?;
-        let key = field(buf, &mut data, key_len)?;
-        let value = field(buf, &mut data, value_len)?;
-        pairs.push((key, value));
-    }
-    (data == buf.len()).then_some(pairs)
 }
 
 /// The `len` bytes at `*at`, which must be followed by a NUL; advances past it.

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod classify;
+pub mod clock;
 pub mod config;
 pub mod election;
 pub mod fingerprint;

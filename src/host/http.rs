@@ -33,9 +33,10 @@ pub struct Http {
     /// A write or delete began invalidating its key; it must end it.
     write: Option<WriteTicket>,
     permit: Option<Permit>,
+    /// When a timed request started (see `crate::clock`); 0 = not timed.
     started_ns: u64,
-    /// The clock at the last callback that read it, so that `on_log` reads it again
-    /// only when the stream ended without response headers.
+    /// The time at the last callback, so that `on_log` reads the clock again only
+    /// when the stream ended without response headers.
     seen_ms: u64,
     rtt_ms: Option<f64>,
     status: Option<u32>,
@@ -198,7 +199,7 @@ pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
         } else {
             let _ = abi::resume_request();
             Woken::Resumed {
-                at_ns: abi::now_ns(),
+                at_ns: w.clock.read(abi::now_ns()),
             }
         };
         w.woken.insert(*id, woken);
@@ -236,7 +237,14 @@ impl HttpContext for Http {
             w.counts.requests[Class::Other.index()] += 1;
             return Action::Continue;
         }
-        let now_ns = abi::now_ns();
+        // Only some requests are timed (`crate::clock`); the others use the VM's
+        // last clock reading, at most a few ms old under load.
+        let timed = w.clock.should_time();
+        let now_ns = if timed {
+            w.clock.read(abi::now_ns())
+        } else {
+            w.clock.last_ns()
+        };
         let now_ms = now_ns / 1_000_000;
         self.seen_ms = now_ms;
         self.fp = request.key.as_deref().map(|k| w.cache.fingerprint(k));
@@ -308,7 +316,9 @@ impl HttpContext for Http {
                 _ => {}
             }
         }
-        self.started_ns = now_ns;
+        if timed {
+            self.started_ns = now_ns;
+        }
         Action::Continue
     }
 
@@ -327,7 +337,12 @@ impl HttpContext for Http {
         if self.local {
             return Action::Continue;
         }
-        let now_ns = abi::now_ns();
+        // Timed requests (started_ns set) read the clock for their RTT.
+        let now_ns = if self.started_ns > 0 {
+            w.clock.read(abi::now_ns())
+        } else {
+            w.clock.last_ns()
+        };
         self.seen_ms = now_ns / 1_000_000;
         self.status = abi::header(Headers::Response, ":status")
             .ok()

@@ -195,7 +195,9 @@ impl RootContext for Root {
             return;
         };
         let mut w = worker.borrow_mut();
-        let now_ms = abi::now_ns() / 1_000_000;
+        let now_ns = abi::now_ns();
+        w.clock.tick(now_ns);
+        let now_ms = now_ns / 1_000_000;
         let store = HostStore;
         let vm_id = w.vm_id;
         let leader = w.election.tick(&store, vm_id, now_ms, LEASE_MS);

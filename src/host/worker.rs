@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use crate::admission::Admission;
 use crate::classify::Class;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::election::Election;
 use crate::fingerprint::{init_seed, read_seed};
@@ -68,6 +69,8 @@ pub struct Worker {
     pub waiters: HashMap<u32, Waiter>,
     /// Woken waiters, until their own context notices.
     pub woken: HashMap<u32, Woken>,
+    /// Which requests read the clock; the last reading for the others.
+    pub clock: Clock,
     pub pressure: Option<PressureSnapshot>,
     pub counts: Counts,
     occupancy: OccupancyScan,
@@ -101,6 +104,7 @@ impl Worker {
             flights,
             waiters: HashMap::new(),
             woken: HashMap::new(),
+            clock: Clock::default(),
             pressure: None,
             counts: Counts::default(),
             occupancy: OccupancyScan::new(),
