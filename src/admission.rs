@@ -371,21 +371,28 @@ impl Admission {
     }
 
     /// Records how a request ended. Only upstream outcomes count (see
-    /// [`Ending::upstream_success`]); local replies and client resets are ignored.
-    /// No hostcall.
+    /// [`Ending::upstream_success`]); local replies, client resets and unread
+    /// responses are ignored. No hostcall.
     pub fn record(&mut self, ending: Ending) {
+        self.record_weighted(ending, 1);
+    }
+
+    /// Records one request that stands for `weight` alike, of which only this one was
+    /// observed (a timed read among `weight` reads of known keys, see `crate::clock`):
+    /// the counts stay unbiased estimates of all of them.
+    pub fn record_weighted(&mut self, ending: Ending, weight: u32) {
         if !self.cfg.enabled {
             return;
         }
         let Some(success) = ending.upstream_success() else {
             return;
         };
-        self.pending.requests = self.pending.requests.saturating_add(1);
+        self.pending.requests = self.pending.requests.saturating_add(weight);
         if success {
-            self.pending.accepts = self.pending.accepts.saturating_add(1);
-            self.stats.successes += 1;
+            self.pending.accepts = self.pending.accepts.saturating_add(weight);
+            self.stats.successes += u64::from(weight);
         } else {
-            self.stats.failures += 1;
+            self.stats.failures += u64::from(weight);
         }
     }
 
@@ -608,14 +615,23 @@ mod tests {
         ] {
             a.record(e);
         }
-        // Shed or cached at the proxy, or abandoned by the client: not requests.
-        for e in [Ending::LocalReply, Ending::DownstreamReset] {
+        // Shed or cached at the proxy, abandoned by the client, or not read: not
+        // requests.
+        for e in [Ending::LocalReply, Ending::DownstreamReset, Ending::Unread] {
             a.record(e);
         }
         a.tick(&store, 0);
         let st = a.stats();
         assert_eq!((st.window_requests, st.window_accepts), (8, 4));
         assert_eq!((st.successes, st.failures), (4, 4));
+        // One observed request standing for ten counts ten times.
+        a.record_weighted(Ending::Response(200), 10);
+        a.record_weighted(Ending::Response(503), 10);
+        a.record_weighted(Ending::Unread, 10);
+        a.tick(&store, 0);
+        let st = a.stats();
+        assert_eq!((st.window_requests, st.window_accepts), (28, 14));
+        assert_eq!((st.successes, st.failures), (14, 14));
     }
 
     #[test]

@@ -56,6 +56,11 @@ impl Clock {
         now_ns
     }
 
+    /// One timed request stands for this many requests now.
+    pub fn stride(&self) -> u32 {
+        self.stride
+    }
+
     /// The last reading, for requests that are not timed.
     pub fn last_ns(&self) -> u64 {
         self.last_ns

@@ -1,6 +1,7 @@
-//! Reads headers out of a serialized header map, as `proxy_get_header_map_pairs`
-//! returns it: one hostcall (and one allocation in the VM) for the whole map, where
-//! reading `:method` and `:path` one by one costs two of each.
+//! The ABI's serialized header map: read headers out of it, as
+//! `proxy_get_header_map_pairs` returns it (one hostcall and one allocation in the VM
+//! for the whole map, where reading `:method` and `:path` one by one costs two of
+//! each), and write one (the headers of a local reply).
 //!
 //! Layout (little-endian): the number of pairs `n` (u32); `n` times the key length
 //! and the value length (u32 each); then each key and each value in pair order, each
@@ -44,6 +45,28 @@ pub fn find<'a, const N: usize>(buf: &'a [u8], names: [&str; N]) -> [Option<&'a 
     found
 }
 
+/// Serializes `headers` in the layout above.
+pub fn serialize(headers: &[(&str, &[u8])]) -> Vec<u8> {
+    let size = 4 + headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 10)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    // Header maps hold at most a few hundred short headers (Envoy's limits).
+    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (name, value) in headers {
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(value);
+        out.push(0);
+    }
+    out
+}
+
 /// The `len` bytes at `*at`, which must be followed by a NUL; advances past it.
 fn field<'a>(buf: &'a [u8], at: &mut usize, len: usize) -> Option<&'a [u8]> {
     let end = at.checked_add(len)?;
@@ -60,22 +83,6 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    /// Serializes like Envoy's `exportPairs`.
-    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend_from_slice(k.as_bytes());
-            out.push(0);
-            out.extend_from_slice(v);
-            out.push(0);
-        }
-        out
-    }
 
     const REQUEST: &[(&str, &[u8])] = &[
         (":authority", b"sessionstore"),

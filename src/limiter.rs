@@ -291,6 +291,10 @@ pub enum Ending {
     DownstreamReset,
     /// Answered at the proxy (shed, negative-cache hit): the upstream was not asked.
     LocalReply,
+    /// The upstream answered, but its status was not read: a read of a key known to
+    /// exist that was not timed needs none (see `crate::clock`); the timed ones stand
+    /// for it in admission control.
+    Unread,
 }
 
 impl Ending {
@@ -301,7 +305,7 @@ impl Ending {
         match self {
             Ending::Response(status) => Some(status < 500),
             Ending::UpstreamTimeout | Ending::UpstreamReset => Some(false),
-            Ending::DownstreamReset | Ending::LocalReply => None,
+            Ending::DownstreamReset | Ending::LocalReply | Ending::Unread => None,
         }
     }
 
@@ -312,7 +316,10 @@ impl Ending {
         match self {
             Ending::Response(status) => status < 500 || status == 504,
             Ending::UpstreamTimeout => true,
-            Ending::UpstreamReset | Ending::DownstreamReset | Ending::LocalReply => false,
+            Ending::UpstreamReset
+            | Ending::DownstreamReset
+            | Ending::LocalReply
+            | Ending::Unread => false,
         }
     }
 }
@@ -1501,6 +1508,7 @@ mod tests {
             (Ending::UpstreamReset, Some(1.0), 0, 0),
             (Ending::DownstreamReset, Some(1.0), 0, 0),
             (Ending::LocalReply, Some(0.0), 0, 0),
+            (Ending::Unread, Some(2.0), 0, 0),
             (Ending::Response(200), Some(f64::NAN), 0, 1),
             (Ending::Response(200), Some(-5.0), 0, 1),
             (Ending::Response(200), None, 0, 0),

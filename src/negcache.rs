@@ -441,9 +441,7 @@ impl NegCache {
         seen: &Lookup,
         now_ms: u64,
     ) -> bool {
-        if seen.mark == Mark::Exists
-            && seen.expires_at >= now_ms.saturating_add(self.known_ttl_ms / 2)
-        {
+        if self.exists_is_fresh(seen, now_ms) {
             return false;
         }
         let expires_at = now_ms.saturating_add(self.known_ttl_ms);
@@ -457,6 +455,12 @@ impl NegCache {
         let wrote = matches!(commit, Commit::Written(()));
         self.stats.exists_marks += u64::from(wrote);
         wrote
+    }
+
+    /// Whether `seen` marks the key as existing for at least half of `known_ttl_ms`
+    /// more: a 200 then needs no new mark ([`Self::mark_exists`] writes nothing).
+    pub fn exists_is_fresh(&self, seen: &Lookup, now_ms: u64) -> bool {
+        seen.mark == Mark::Exists && seen.expires_at >= now_ms.saturating_add(self.known_ttl_ms / 2)
     }
 
     /// A POST or DELETE is about to be forwarded: clear the key's entry and bump its

@@ -204,28 +204,6 @@ pub fn shared_set(key: &str, value: &[u8], cas: u32) -> Result<(), HostStatus> {
     })
 }
 
-/// The ABI's header map encoding: count, then (name length, value length) pairs,
-/// then each name and value followed by a NUL.
-fn serialize_headers(headers: &[(&str, &[u8])]) -> Vec<u8> {
-    let size = 4 + headers
-        .iter()
-        .map(|(n, v)| n.len() + v.len() + 10)
-        .sum::<usize>();
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    for (name, value) in headers {
-        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    }
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        out.extend_from_slice(value);
-        out.push(0);
-    }
-    out
-}
-
 /// Sends a local reply; `details` shows in Envoy's access log `%RESPONSE_CODE_DETAILS%`.
 pub fn send_local_response(
     code: u32,
@@ -233,7 +211,7 @@ pub fn send_local_response(
     headers: &[(&str, &[u8])],
     body: &[u8],
 ) -> Result<(), HostStatus> {
-    let map = serialize_headers(headers);
+    let map = crate::header_pairs::serialize(headers);
     status(unsafe {
         proxy_send_local_response(
             code,

@@ -23,6 +23,17 @@ use super::abi::{self, Headers};
 use super::store::HostStore;
 use super::worker::{Waiter, Woken, Worker};
 
+/// What the upstream's response headers told this filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    /// No response headers (yet).
+    Silent,
+    Status(u32),
+    /// Response headers arrived, their status was not needed (a routine read, see
+    /// `on_http_response_headers`).
+    Unread,
+}
+
 /// What a request did, kept until its end.
 pub struct Http {
     id: u32,
@@ -39,7 +50,10 @@ pub struct Http {
     /// when the stream ended without response headers.
     seen_ms: u64,
     rtt_ms: Option<f64>,
-    status: Option<u32>,
+    upstream: Upstream,
+    /// How many requests this one stands for in admission control (a timed routine
+    /// read stands for the untimed ones, whose status is not read).
+    weight: u32,
     /// Answered at the proxy (shed, cached 404, a leader's 404): the store was not asked.
     local: bool,
     /// The first GET of a missing key with others paused behind it.
@@ -64,7 +78,8 @@ impl Http {
             started_ns: 0,
             seen_ms: 0,
             rtt_ms: None,
-            status: None,
+            upstream: Upstream::Silent,
+            weight: 1,
             local: false,
             leader: false,
             responded: false,
@@ -343,15 +358,36 @@ impl HttpContext for Http {
         } else {
             w.clock.last_ns()
         };
-        self.seen_ms = now_ns / 1_000_000;
-        self.status = abi::header(Headers::Response, ":status")
+        let now_ms = now_ns / 1_000_000;
+        self.seen_ms = now_ms;
+        // A routine read (a key known to exist, its mark fresh, nobody waiting on it)
+        // needs its status only when timed: for the RTT and, standing for the
+        // untimed ones, for admission control. A 404 to an untimed one (the key
+        // deleted behind the filter's back) is seen by the next timed read or once
+        // the mark needs refreshing; until then that key is forwarded, not cached.
+        let routine = self.op == Op::Read
+            && !self.leader
+            && self
+                .lookup
+                .is_some_and(|l| w.cache.exists_is_fresh(&l, now_ms));
+        if routine && self.started_ns == 0 {
+            self.upstream = Upstream::Unread;
+            self.responded = true;
+            return Action::Continue;
+        }
+        if routine {
+            self.weight = w.clock.stride();
+        }
+        let status = abi::header(Headers::Response, ":status")
             .ok()
             .flatten()
             .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok());
+        // An unparseable status is no status: the ending is then a reset.
+        self.upstream = status.map_or(Upstream::Silent, Upstream::Status);
         if self.started_ns > 0 && now_ns >= self.started_ns {
             self.rtt_ms = Some((now_ns - self.started_ns) as f64 / 1e6);
         }
-        self.on_response(&mut w, self.status, now_ns / 1_000_000);
+        self.on_response(&mut w, status, now_ms);
         Action::Continue
     }
 
@@ -372,9 +408,10 @@ impl HttpContext for Http {
         let ending = if self.local {
             Ending::LocalReply
         } else {
-            match self.status {
-                Some(status) => Ending::Response(status),
-                None => Ending::DownstreamReset,
+            match self.upstream {
+                Upstream::Status(status) => Ending::Response(status),
+                Upstream::Unread => Ending::Unread,
+                Upstream::Silent => Ending::DownstreamReset,
             }
         };
         // A local reply needs no clock, and a response's time is close enough for the
@@ -391,14 +428,14 @@ impl HttpContext for Http {
             // other streams inside it stalls this stream's own response in Envoy.
             wake(&mut w, &ids, self.woke_cached, self.id);
         }
-        if self.leader && self.status.is_none() {
+        if self.leader && self.upstream == Upstream::Silent {
             if let Some(fp) = self.fp {
                 let ids = w.flights.leader_gone(fp, self.id);
                 wake(&mut w, &ids, false, self.id);
             }
         }
         if !self.local && self.permit.is_some() {
-            w.admission.record(ending);
+            w.admission.record_weighted(ending, self.weight);
         }
         if let Some(permit) = self.permit.take() {
             let done = Completion {
