@@ -660,10 +660,15 @@ impl Limiter {
         self.slot != SlotState::Shows(self.local)
     }
 
-    /// Records a read of the table: the other VMs' counts and how many VMs are busy.
+    /// Records a read of the table: the other VMs' counts and how many VMs are busy,
+    /// and the global in-flight gauges (the others plus this VM's exact count).
     fn seen(&mut self, others: InFlight, slots: usize) {
         self.others_seen = others;
         self.slots_seen = u32::try_from(slots).unwrap_or(u32::MAX);
+        let total = others.plus(self.local);
+        self.stats.in_flight = total.total();
+        self.stats.in_flight_critical = total.critical;
+        self.stats.in_flight_sheddable = total.sheddable;
     }
 
     /// Whether a release (already taken off `local`) may stay unwritten: the slot
@@ -707,12 +712,6 @@ impl Limiter {
                 Criticality::Critical => true,
                 Criticality::Sheddable => total.sheddable < self.sheddable_cap,
             }
-    }
-
-    fn saw(&mut self, total: InFlight) {
-        self.stats.in_flight = total.total();
-        self.stats.in_flight_critical = total.critical;
-        self.stats.in_flight_sheddable = total.sheddable;
     }
 
     fn permit(&self, crit: Criticality, counted: bool) -> Permit {
@@ -777,7 +776,6 @@ impl Limiter {
             let others = scanned.map(|s| s.others).unwrap_or_default();
             self.seen(others, scanned.map_or(0, |s| s.slots));
             let total = others.plus(self.local);
-            self.saw(total);
             let fits = self.fits(total, crit);
             last_fit = fits;
             if !fits && self.enforce {
@@ -793,7 +791,6 @@ impl Limiter {
                     self.local = want;
                     self.set_dirty(false);
                     self.seen(others, buf.len().saturating_sub(HEADER_LEN) / SLOT_LEN);
-                    self.saw(others.plus(want));
                     self.peak = self.peak.max(others.plus(want).total());
                     return self.admitted(crit, fits);
                 }
@@ -888,7 +885,6 @@ impl Limiter {
             let scanned = scan(&buf, self.id);
             if let Some(s) = scanned {
                 self.seen(s.others, s.slots);
-                self.saw(s.others.plus(self.local));
                 let stored = s.mine.map(|(_, c)| c).unwrap_or_default();
                 if stored == self.local {
                     self.set_dirty(false);
@@ -1022,7 +1018,6 @@ impl Limiter {
         });
         if let Some((others, slots)) = seen {
             self.seen(others, slots);
-            self.saw(others.plus(local));
         }
         match result {
             Ok(Some(())) => {

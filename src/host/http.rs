@@ -222,6 +222,16 @@ pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
     let _ = abi::set_effective_context(back_to);
 }
 
+/// The host clock for a timed request (recorded as the VM's last reading), that
+/// last reading for the others.
+fn clock_ns(w: &mut Worker, timed: bool) -> u64 {
+    if timed {
+        w.clock.read(abi::now_ns())
+    } else {
+        w.clock.last_ns()
+    }
+}
+
 /// A header's value as text; absent or not UTF-8 reads as empty (classified as
 /// "not a key operation", which passes untouched).
 fn text(value: Option<&[u8]>) -> &str {
@@ -255,11 +265,7 @@ impl HttpContext for Http {
         // Only some requests are timed (`crate::clock`); the others use the VM's
         // last clock reading, at most a few ms old under load.
         let timed = w.clock.should_time();
-        let now_ns = if timed {
-            w.clock.read(abi::now_ns())
-        } else {
-            w.clock.last_ns()
-        };
+        let now_ns = clock_ns(&mut w, timed);
         let now_ms = now_ns / 1_000_000;
         self.seen_ms = now_ms;
         self.fp = request.key.as_deref().map(|k| w.cache.fingerprint(k));
@@ -353,11 +359,7 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         // Timed requests (started_ns set) read the clock for their RTT.
-        let now_ns = if self.started_ns > 0 {
-            w.clock.read(abi::now_ns())
-        } else {
-            w.clock.last_ns()
-        };
+        let now_ns = clock_ns(&mut w, self.started_ns > 0);
         let now_ms = now_ns / 1_000_000;
         self.seen_ms = now_ms;
         // A routine read (a key known to exist, its mark fresh, nobody waiting on it)
