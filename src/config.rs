@@ -300,6 +300,15 @@ mod tests {
     }
 
     #[test]
+    fn local_reuse_is_bounded_and_can_be_off() {
+        let e = err(r#"{"key_table": {"local_reuse_ms": 5000}}"#);
+        assert_eq!(e.field, "key_table.local_reuse_ms");
+        assert!(e.message.contains("between 0 and 1000"), "{e}");
+        let c = Config::parse(br#"{"key_table": {"local_reuse_ms": 0}}"#).unwrap();
+        assert_eq!(c.key_table.local_reuse_ms, 0);
+    }
+
+    #[test]
     fn base_uri_must_be_a_slash_delimited_path() {
         assert_eq!(err(r#"{"base_uri": "sessions/v1"}"#).field, "base_uri");
         assert_eq!(err(r#"{"base_uri": "/a?b/"}"#).field, "base_uri");

@@ -81,6 +81,9 @@ pub struct KeyTableConfig {
     pub shard_slots: u32,
     /// How long a key seen to exist (200/201) stays critical for priorities.
     pub known_ttl_ms: u64,
+    /// How long a worker reuses its own read of a key marked Exists instead of
+    /// reading the shard again (see `crate::recent`); 0 = never.
+    pub local_reuse_ms: u64,
 }
 
 impl Default for KeyTableConfig {
@@ -89,6 +92,7 @@ impl Default for KeyTableConfig {
             capacity: 65_536,
             shard_slots: 64,
             known_ttl_ms: 600_000,
+            local_reuse_ms: 100,
         }
     }
 }
@@ -107,6 +111,12 @@ impl KeyTableConfig {
             self.known_ttl_ms,
             1,
             86_400_000,
+        )?;
+        check_range(
+            &field(section, "local_reuse_ms"),
+            self.local_reuse_ms,
+            0,
+            1_000,
         )
     }
 }

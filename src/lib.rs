@@ -17,6 +17,7 @@ pub mod limiter;
 pub mod negcache;
 pub mod pressure;
 pub mod prom;
+pub mod recent;
 pub mod reply;
 pub mod rng;
 pub mod shared;

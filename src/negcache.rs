@@ -70,6 +70,7 @@ use serde::Deserialize;
 use crate::config::{check_range, field, Config, ConfigError};
 use crate::fingerprint::Fingerprinter;
 use crate::keytable::{Commit, KeyTable, KeyTableConfig, Origin, SlotState, TableStats};
+use crate::recent::RecentKnown;
 use crate::shared::SharedStore;
 
 pub use crate::keytable::Generation;
@@ -191,6 +192,8 @@ pub struct CacheStats {
     pub hits: u64,
     /// Lookups that found the key known to exist.
     pub known: u64,
+    /// Of those, lookups that reused this worker's recent read ([`crate::recent`]).
+    pub reused: u64,
     /// Lookups that found nothing live.
     pub misses: u64,
     /// Missing entries written (GET 404 and DELETE 204).
@@ -225,6 +228,8 @@ pub struct NegCache {
     ttl_ms: u64,
     known_ttl_ms: u64,
     cas_attempts: u32,
+    /// This worker's recent reads of known keys, reused for a few ms.
+    recent: RecentKnown,
     stats: CacheStats,
     /// Deliberate bugs, so tests can show that the race oracle catches them.
     #[cfg(test)]
@@ -240,6 +245,8 @@ pub(crate) struct Sabotage {
     pub skip_end_write: bool,
     /// Blind fallbacks clear Missing entries but do not jump generations.
     pub fallback_without_jump: bool,
+    /// The local reuse window keeps Missing reads too.
+    pub reuse_missing: bool,
 }
 
 impl NegCache {
@@ -259,6 +266,7 @@ impl NegCache {
             table.known_ttl_ms,
             cas_attempts,
         )
+        .with_local_reuse(table.local_reuse_ms)
     }
 
     pub fn from_config(config: &Config, seed: u64, rng_seed: u64) -> Self {
@@ -269,6 +277,13 @@ impl NegCache {
             seed,
             rng_seed,
         )
+    }
+
+    /// Reuse this worker's reads of keys marked Exists for `max_age_ms` (see
+    /// [`crate::recent`]); [`Self::with_table`] builds a cache without reuse.
+    pub fn with_local_reuse(mut self, max_age_ms: u64) -> Self {
+        self.recent = RecentKnown::new(max_age_ms);
+        self
     }
 
     pub fn with_table(
@@ -284,6 +299,7 @@ impl NegCache {
             ttl_ms,
             known_ttl_ms,
             cas_attempts: cas_attempts.max(1),
+            recent: RecentKnown::new(0),
             stats: CacheStats::default(),
             #[cfg(test)]
             sabotage: Sabotage::default(),
@@ -325,30 +341,58 @@ impl NegCache {
         out
     }
 
-    /// What the table says about `fp`: one shared-data get. Keep the result: its
-    /// generation conditions the fill when the response arrives.
+    /// What the table says about `fp`: one shared-data get, or none when this worker
+    /// read the key marked Exists within its reuse window ([`crate::recent`]). Keep the
+    /// result: its generation conditions the fill when the response arrives.
     pub fn lookup<S: SharedStore + ?Sized>(&mut self, store: &S, fp: u64, now_ms: u64) -> Lookup {
-        let probe = self.table.probe(store, fp, now_ms);
+        let reused = self
+            .recent
+            .get(fp, now_ms)
+            .filter(|seen| self.reusable(seen, now_ms));
+        let lookup = match reused {
+            Some(seen) => {
+                self.stats.reused += 1;
+                seen
+            }
+            None => {
+                let lookup = self.read(store, fp, now_ms);
+                if self.reusable(&lookup, now_ms) {
+                    self.recent.put(fp, now_ms, lookup);
+                }
+                lookup
+            }
+        };
         self.stats.lookups += 1;
+        match lookup.mark {
+            Mark::Missing => self.stats.hits += 1,
+            Mark::Exists => self.stats.known += 1,
+            Mark::Unknown => self.stats.misses += 1,
+        }
+        lookup
+    }
+
+    fn read<S: SharedStore + ?Sized>(&self, store: &S, fp: u64, now_ms: u64) -> Lookup {
+        let probe = self.table.probe(store, fp, now_ms);
         let (mark, expires_at) = match probe.slot {
-            Some(slot) if slot.state == SlotState::Missing => {
-                self.stats.hits += 1;
-                (Mark::Missing, slot.expires_at)
-            }
-            Some(slot) if slot.state == SlotState::Exists => {
-                self.stats.known += 1;
-                (Mark::Exists, slot.expires_at)
-            }
-            _ => {
-                self.stats.misses += 1;
-                (Mark::Unknown, 0)
-            }
+            Some(slot) if slot.state == SlotState::Missing => (Mark::Missing, slot.expires_at),
+            Some(slot) if slot.state == SlotState::Exists => (Mark::Exists, slot.expires_at),
+            _ => (Mark::Unknown, 0),
         };
         Lookup {
             mark,
             expires_at,
             generation: probe.generation,
         }
+    }
+
+    /// Only a fresh Exists mark is reused: reusing a Missing one could answer a 404
+    /// after another worker's acknowledged write.
+    fn reusable(&self, seen: &Lookup, now_ms: u64) -> bool {
+        #[cfg(test)]
+        if self.sabotage.reuse_missing && seen.mark == Mark::Missing {
+            return true;
+        }
+        self.exists_is_fresh(seen, now_ms)
     }
 
     /// A GET answered 404 by the store: cache it for `ttl_ms`, but only if no write
@@ -397,6 +441,7 @@ impl NegCache {
         S: SharedStore + ?Sized,
         P: Fn(Generation) -> bool,
     {
+        self.recent.forget(fp);
         let (shard, bucket) = self.table.layout().locate(fp);
         #[cfg(test)]
         let still_current = {
@@ -444,6 +489,7 @@ impl NegCache {
         if self.exists_is_fresh(seen, now_ms) {
             return false;
         }
+        self.recent.forget(fp);
         let expires_at = now_ms.saturating_add(self.known_ttl_ms);
         let (shard, bucket) = self.table.layout().locate(fp);
         let commit = self
@@ -501,6 +547,7 @@ impl NegCache {
         now_ms: u64,
         exists_until: Option<u64>,
     ) -> (WriteTicket, Invalidation) {
+        self.recent.forget(fp);
         let (shard, bucket) = self.table.layout().locate(fp);
         let apply = |view: &mut crate::keytable::ShardMut<'_>, bump: bool| {
             let mut b = view.bucket(bucket);
@@ -591,6 +638,117 @@ mod tests {
         let c = NegCache::from_config(&Config::default(), 1, 2);
         assert_eq!(c.table().layout().slots(), 65_536);
         assert_eq!(c.table().layout().total_bytes(), 1_122_304);
+    }
+
+    const REUSE: u64 = 100;
+
+    /// A key marked Exists at `now` by a 200, through `c`.
+    fn known(c: &mut NegCache, s: &MemStore, key: &[u8], now: u64) -> u64 {
+        let fp = c.fingerprint(key);
+        let seen = c.lookup(s, fp, now);
+        assert!(c.mark_exists(s, fp, &seen, now));
+        fp
+    }
+
+    #[test]
+    fn a_known_key_read_again_within_the_reuse_window_costs_no_host_read() {
+        let s = MemStore::new();
+        let mut c = cache(64, 16, 4, 1).with_local_reuse(REUSE);
+        let fp = known(&mut c, &s, b"k", 1_000);
+        let first = c.lookup(&s, fp, 1_000);
+        assert_eq!(first.mark, Mark::Exists);
+        let reads = s.reads();
+        assert_eq!(c.lookup(&s, fp, 1_000 + REUSE - 1), first);
+        assert_eq!(s.reads(), reads, "reused, not read");
+        assert_eq!(c.lookup(&s, fp, 1_000 + REUSE).mark, Mark::Exists);
+        assert_eq!(s.reads(), reads + 1, "the window ended: read again");
+        let st = c.stats();
+        assert_eq!((st.known, st.reused), (3, 1));
+    }
+
+    #[test]
+    fn the_default_configuration_reuses_for_100_ms() {
+        let s = MemStore::new();
+        let mut c = NegCache::from_config(&Config::default(), 1, 2);
+        let fp = known(&mut c, &s, b"k", 0);
+        c.lookup(&s, fp, 0);
+        let reads = s.reads();
+        c.lookup(&s, fp, 99);
+        assert_eq!(s.reads(), reads);
+        c.lookup(&s, fp, 100);
+        assert_eq!(s.reads(), reads + 1);
+    }
+
+    #[test]
+    fn this_workers_own_writes_end_the_reuse_at_once() {
+        let s = MemStore::new();
+        let mut c = cache(64, 16, 4, 1).with_local_reuse(REUSE);
+        // A logout through this worker: the next lookup sees the cached 404.
+        let fp = known(&mut c, &s, b"logout", 0);
+        assert_eq!(c.lookup(&s, fp, 1).mark, Mark::Exists);
+        let ticket = c.begin_write(&s, fp, 2);
+        assert_eq!(c.end_delete(&s, fp, ticket, true, 3), Fill::Inserted);
+        assert_eq!(c.lookup(&s, fp, 4).mark, Mark::Missing);
+        // A 404 from the store to a read of a known key, cached by this worker.
+        let fp = known(&mut c, &s, b"expired", 0);
+        let seen = c.lookup(&s, fp, 1);
+        assert_eq!(c.insert_missing(&s, fp, seen.generation, 2), Fill::Inserted);
+        assert_eq!(c.lookup(&s, fp, 3).mark, Mark::Missing);
+    }
+
+    #[test]
+    fn another_workers_delete_is_seen_once_the_reuse_window_has_passed() {
+        let s = MemStore::new();
+        let mut a = cache(64, 16, 4, 1).with_local_reuse(REUSE);
+        let mut b = cache(64, 16, 4, 2).with_local_reuse(REUSE);
+        let fp = known(&mut a, &s, b"k", 0);
+        assert_eq!(a.lookup(&s, fp, 10).mark, Mark::Exists);
+        let ticket = b.begin_write(&s, fp, 20);
+        assert_eq!(b.end_delete(&s, fp, ticket, true, 21), Fill::Inserted);
+        // Within its window `a` still says Exists: the read is forwarded, never
+        // answered at the proxy, and its reused generation cannot fill the cache.
+        let lagging = a.lookup(&s, fp, 10 + REUSE - 1);
+        assert_eq!(lagging.mark, Mark::Exists);
+        assert_eq!(
+            a.insert_missing(&s, fp, lagging.generation, 10 + REUSE - 1),
+            Fill::Stale
+        );
+        assert_eq!(a.lookup(&s, fp, 10 + REUSE).mark, Mark::Missing);
+    }
+
+    #[test]
+    fn a_reused_read_cannot_fill_the_cache_after_a_write_to_its_bucket() {
+        let s = MemStore::new();
+        let mut a = cache(64, 16, 4, 1).with_local_reuse(REUSE);
+        let mut b = cache(64, 16, 4, 2).with_local_reuse(REUSE);
+        let fp = known(&mut a, &s, b"k", 0);
+        a.lookup(&s, fp, 1);
+        // Another worker writes the key (a re-login) after `a`'s read.
+        let _ = b.begin_write(&s, fp, 2);
+        b.end_write(&s, fp, true, 3);
+        let reads = s.reads();
+        let reused = a.lookup(&s, fp, 4);
+        assert_eq!(s.reads(), reads, "reused, not read");
+        assert_eq!(
+            a.insert_missing(&s, fp, reused.generation, 5),
+            Fill::Stale,
+            "the write bumped the generation the reused read carries"
+        );
+    }
+
+    #[test]
+    fn missing_and_unknown_reads_are_never_reused() {
+        let s = MemStore::new();
+        let mut c = cache(64, 16, 4, 1).with_local_reuse(REUSE);
+        let fp = c.fingerprint(b"gone");
+        let seen = c.lookup(&s, fp, 0);
+        assert_eq!(seen.mark, Mark::Unknown);
+        assert_eq!(c.insert_missing(&s, fp, seen.generation, 1), Fill::Inserted);
+        let reads = s.reads();
+        assert_eq!(c.lookup(&s, fp, 2).mark, Mark::Missing);
+        assert_eq!(c.lookup(&s, fp, 3).mark, Mark::Missing);
+        assert_eq!(s.reads(), reads + 2);
+        assert_eq!(c.stats().reused, 0);
     }
 
     #[test]
@@ -972,6 +1130,8 @@ mod tests {
             pub get_pct: u64,
             /// Create all shards up front with this generation (else lazily, on first use).
             pub start_generation: Option<u32>,
+            /// Each worker reuses its reads of known keys for this long (0 = never).
+            pub local_reuse_ms: u64,
             pub sabotage: Sabotage,
         }
 
@@ -991,6 +1151,7 @@ mod tests {
                     single_flight: true,
                     get_pct: 60,
                     start_generation: None,
+                    local_reuse_ms: 0,
                     sabotage: Sabotage::default(),
                 }
             }
@@ -1444,7 +1605,8 @@ mod tests {
                         40,
                         200,
                         cfg.cas_attempts,
-                    );
+                    )
+                    .with_local_reuse(cfg.local_reuse_ms);
                     cache.sabotage = cfg.sabotage;
                     cache.table_mut().sabotage_no_jump = cfg.sabotage.fallback_without_jump;
                     RefCell::new(Worker {
@@ -1479,6 +1641,7 @@ mod tests {
                 r.lookups += c.lookups;
                 r.hits += c.hits;
                 r.known += c.known;
+                r.reused += c.reused;
                 r.misses += c.misses;
                 r.inserts += c.inserts;
                 r.stale_fills += c.stale_fills;
@@ -1603,6 +1766,23 @@ mod tests {
                         ..base
                     },
                 ),
+                (
+                    // Workers reuse their reads of known keys while others delete and
+                    // re-create them: the reuse must never yield a stale 404.
+                    "local-reuse",
+                    SimConfig {
+                        seed: 0x7e05_e000,
+                        workers: 4,
+                        keys: 8,
+                        capacity: 32,
+                        shard_slots: 8,
+                        cas_attempts: 2,
+                        interleave_pct: 30,
+                        get_pct: 80,
+                        local_reuse_ms: 20,
+                        ..base
+                    },
+                ),
             ]
         }
 
@@ -1639,6 +1819,7 @@ mod tests {
                 );
                 assert!(r.cached_404s > 0 && r.cache.stale_fills > 0, "{name}");
                 assert!(r.nested_steps > 0, "{name}");
+                assert_eq!(cfg.local_reuse_ms > 0, r.cache.reused > 0, "{name}");
                 total.requests += r.requests;
                 total.steps += r.steps;
                 total.nested_steps += r.nested_steps;
@@ -1666,8 +1847,8 @@ mod tests {
             );
         }
 
-        /// 5 scenarios x 200k = 1M requests in the default native test run (about 7 s of
-        /// CPU in debug, on 5 threads); 5 x 20k under wasm, which has no threads.
+        /// 6 scenarios x 200k = 1.2M requests in the default native test run (about 8 s
+        /// of CPU in debug, on 6 threads); 6 x 20k under wasm, which has no threads.
         #[test]
         fn no_stale_404_after_an_acknowledged_write_1m() {
             check(if cfg!(target_arch = "wasm32") {
@@ -1687,23 +1868,40 @@ mod tests {
         /// The oracle is not vacuous: each deliberate bug produces stale 404s.
         #[test]
         fn the_oracle_catches_deliberate_bugs() {
-            for sabotage in [
-                Sabotage {
-                    skip_generation_check: true,
-                    ..Sabotage::default()
-                },
-                Sabotage {
-                    skip_end_write: true,
-                    ..Sabotage::default()
-                },
-                Sabotage {
-                    fallback_without_jump: true,
-                    ..Sabotage::default()
-                },
+            for (sabotage, local_reuse_ms) in [
+                (
+                    Sabotage {
+                        skip_generation_check: true,
+                        ..Sabotage::default()
+                    },
+                    0,
+                ),
+                (
+                    Sabotage {
+                        skip_end_write: true,
+                        ..Sabotage::default()
+                    },
+                    0,
+                ),
+                (
+                    Sabotage {
+                        fallback_without_jump: true,
+                        ..Sabotage::default()
+                    },
+                    0,
+                ),
+                (
+                    Sabotage {
+                        reuse_missing: true,
+                        ..Sabotage::default()
+                    },
+                    20,
+                ),
             ] {
                 // Read-heavy, so that most keys are missing, with frequent fallbacks.
                 let r = run(SimConfig {
                     sabotage,
+                    local_reuse_ms,
                     keys: 4,
                     cas_attempts: 1,
                     interleave_pct: 50,

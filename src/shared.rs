@@ -83,6 +83,7 @@ pub struct MemStore {
     #[allow(clippy::type_complexity)]
     interfere: RefCell<Option<Box<dyn FnMut(&str) -> bool>>>,
     sets: Cell<u64>,
+    gets: Cell<u64>,
 }
 
 impl MemStore {
@@ -105,6 +106,11 @@ impl MemStore {
         self.sets.get()
     }
 
+    /// Number of reads so far (present or not).
+    pub fn reads(&self) -> u64 {
+        self.gets.get()
+    }
+
     fn bump_cas(&self) -> u32 {
         // Like the host's global counter; 0 means "no CAS" so it is skipped on wrap.
         let next = self.next_cas.get().wrapping_add(1).max(1);
@@ -115,6 +121,7 @@ impl MemStore {
 
 impl SharedStore for MemStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.gets.set(self.gets.get() + 1);
         self.map
             .borrow()
             .get(key)

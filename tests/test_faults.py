@@ -100,8 +100,10 @@ def test_randomized_faults_leave_no_leak(kask, envoy, faults):
     faultmix.wait_idle(proxy)
     stats = proxy.stats()
     assert stats["sessionguard.in_flight"] == 0
-    time.sleep(3)  # an occupancy scan covers the table in a few ticks
-    assert 0 < proxy.stats()["sessionguard.negcache.occupancy"] <= CAPACITY
+    # The occupancy scan covers this 16-shard table in 1.6 s (one shard per tick).
+    occupancy = harness.wait_for(
+        lambda: proxy.stats().get("sessionguard.negcache.occupancy"), 10, "an occupancy scan")
+    assert 0 < occupancy <= CAPACITY
     rss1, heap1 = faultmix.rss_kb(proxy.proc.pid), allocated(proxy)
     print(f"envoy RSS {rss0} -> {rss1} KiB, heap {heap0 // 1024} -> {heap1 // 1024} KiB "
           f"after warm-up {warm.sent} + storm {result.sent}")
@@ -296,7 +298,10 @@ def test_distinct_key_flood_keeps_memory_flat(sidecar):
     rss0, heap0 = faultmix.rss_kb(proxy.proc.pid), allocated(proxy)
     counts = faultmix.flood_distinct(proxy.port, n, prefix="flood")
     assert set(counts) == {404}, counts
-    time.sleep(3)  # the occupancy scan completes in a few ticks
+    # The occupancy scan covers this 16-shard table in 1.6 s (one shard per tick).
+    harness.wait_for(
+        lambda: proxy.stats().get("sessionguard.negcache.occupancy", 0) >= CAPACITY // 2,
+        10, "an occupancy scan after the flood")
     stats = proxy.stats()
     rss1, heap1 = faultmix.rss_kb(proxy.proc.pid), allocated(proxy)
     print(f"\n{n} distinct keys: envoy RSS {rss0} -> {rss1} KiB, heap {heap0 // 1024} -> "

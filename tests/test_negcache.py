@@ -50,7 +50,9 @@ def test_repeated_missing_key_reaches_the_store_once_per_ttl(sidecar):
 
 
 def test_write_through_envoy_clears_the_cached_404(sidecar):
-    kask, envoy = sidecar(plugin={**QUIET, "negative_cache": {"ttl_ms": 60000}})
+    # One worker: its own DELETE ends its reuse of the key's read at once (src/recent.rs);
+    # across workers see the next test.
+    kask, envoy = sidecar(plugin={**QUIET, "negative_cache": {"ttl_ms": 60000}}, concurrency=1)
     path = "/sessions/v1/frwiki%3AMWSession%3Anew-login"
     for _ in range(3):
         assert harness.request(envoy.port, "GET", path).status == 404
@@ -61,6 +63,34 @@ def test_write_through_envoy_clears_the_cached_404(sidecar):
     # A logout marks the key missing: the next lookup is answered at the proxy.
     r = harness.request(envoy.port, "GET", path)
     assert r.status == 404 and r.headers.get("x-sessionguard-cache") == "hit"
+
+
+def test_a_logout_through_another_worker_is_cached_once_the_reuse_window_passed(sidecar):
+    """Both workers read a known key (each reuses its read for `local_reuse_ms`); after a
+    DELETE every GET gets a 404, from the store at first on a worker still reusing its
+    read, and from the cache on every worker once the window has passed."""
+    window = 0.3
+    kask, envoy = sidecar(plugin={**QUIET, "negative_cache": {"ttl_ms": 60000},
+                                  "key_table": {"local_reuse_ms": int(window * 1000)}},
+                          concurrency=2)
+    path = "/sessions/v1/dewiki%3AMWSession%3Alogout-elsewhere"
+    assert harness.request(envoy.port, "POST", path, b"PHP.sig.data").status == 201
+    # New connection per request: the kernel spreads them over both workers.
+    assert all(harness.request(envoy.port, "GET", path).status == 200 for _ in range(20))
+    assert harness.request(envoy.port, "DELETE", path).status == 204
+    deleted = time.monotonic()
+    seen = []
+    while time.monotonic() - deleted < 3 * window:
+        sent = time.monotonic() - deleted
+        r = harness.request(envoy.port, "GET", path)
+        assert r.status == 404, r
+        seen.append((sent, r.headers.get("x-sessionguard-cache") == "hit"))
+    # Half a window of margin for the VM clock (a few ms behind when not read).
+    late = [hit for sent, hit in seen if sent > 1.5 * window]
+    early_misses = sum(1 for sent, hit in seen if sent <= window and not hit)
+    print(f"{len(seen)} GETs after the DELETE: {early_misses} forwarded within the window, "
+          f"{sum(late)} of {len(late)} after 1.5 windows from the cache")
+    assert late and all(late)
 
 
 def test_concurrent_lookups_of_one_missing_key_are_coalesced(sidecar):

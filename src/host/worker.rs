@@ -78,9 +78,11 @@ pub struct Worker {
     occupied: u64,
 }
 
-/// Shards read per tick by the occupancy scan: the whole table is covered every
-/// few seconds without a burst of shared-data reads.
-const SCAN_SHARDS_PER_TICK: u32 = 64;
+/// Ticks the occupancy scan takes to cover the whole table (30 s at 100 ms). Every
+/// shard read costs a hostcall and a call back into the module for its copy; at 64
+/// shards per tick the scan alone cost ~3% of the proxy's CPU under load (docs/perf.md),
+/// for a gauge that is read on dashboards every 15-60 s.
+const SCAN_TICKS: u32 = 300;
 
 impl Worker {
     pub fn new(config: Rc<Config>, metrics: Metrics) -> Self {
@@ -147,9 +149,10 @@ impl Worker {
 
     /// Advances the occupancy scan of the key table by a few shards.
     pub fn scan_occupancy(&mut self, store: &HostStore, now_ms: u64) {
-        if let Some(done) =
-            self.occupancy
-                .step(self.cache.table(), store, now_ms, SCAN_SHARDS_PER_TICK)
+        let shards_per_tick = self.cache.table().layout().shards.div_ceil(SCAN_TICKS);
+        if let Some(done) = self
+            .occupancy
+            .step(self.cache.table(), store, now_ms, shards_per_tick)
         {
             self.occupied = done.live();
             self.metrics.cache_occupancy.set(self.occupied);
