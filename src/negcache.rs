@@ -228,7 +228,7 @@ pub struct NegCache {
     ttl_ms: u64,
     known_ttl_ms: u64,
     cas_attempts: u32,
-    /// This worker's recent reads of known keys, reused for a few ms.
+    /// This worker's recent reads of known keys, reused for `local_reuse_ms`.
     recent: RecentKnown,
     stats: CacheStats,
     /// Deliberate bugs, so tests can show that the race oracle catches them.

@@ -42,22 +42,36 @@ impl Counter {
     }
 }
 
+/// A gauge; a value equal to the one this VM wrote last is not written again (every
+/// VM writes the same value read from shared data, so the stat still follows it
+/// within a tick, and the tick makes fewer hostcalls).
 #[derive(Clone, Copy, Default)]
-pub struct Gauge(Option<u32>);
+pub struct Gauge {
+    id: Option<u32>,
+    written: Option<u64>,
+}
 
 impl Gauge {
     fn define(name: &str) -> Self {
-        Self(abi::define_metric(MetricKind::Gauge, name).ok())
+        Self {
+            id: abi::define_metric(MetricKind::Gauge, name).ok(),
+            written: None,
+        }
     }
 
-    pub fn set(self, value: u64) {
-        if let Some(id) = self.0 {
-            let _ = abi::record_metric(id, value);
+    pub fn set(&mut self, value: u64) {
+        if self.written == Some(value) {
+            return;
+        }
+        if let Some(id) = self.id {
+            if abi::record_metric(id, value).is_ok() {
+                self.written = Some(value);
+            }
         }
     }
 
     /// Floats are exported scaled to integers (e.g. ms as µs); NaN and negatives as 0.
-    pub fn set_scaled(self, value: f64, scale: f64) {
+    pub fn set_scaled(&mut self, value: f64, scale: f64) {
         let v = value * scale;
         self.set(if v.is_finite() && v > 0.0 {
             v as u64

@@ -65,6 +65,8 @@ pub struct Worker {
     pub cache: NegCache,
     /// The key-hash seed shared by all workers (see `check_seed`).
     seed: u64,
+    /// Ticks until the next seed check.
+    seed_check_in: u32,
     pub flights: SingleFlight,
     pub waiters: HashMap<u32, Waiter>,
     /// Woken waiters, until their own context notices.
@@ -83,6 +85,9 @@ pub struct Worker {
 /// shards per tick the scan alone cost ~3% of the proxy's CPU under load (docs/perf.md),
 /// for a gauge that is read on dashboards every 15-60 s.
 const SCAN_TICKS: u32 = 300;
+
+/// Ticks between two checks of the shared key-hash seed (1 s).
+const SEED_CHECK_TICKS: u32 = 10;
 
 impl Worker {
     pub fn new(config: Rc<Config>, metrics: Metrics) -> Self {
@@ -103,6 +108,7 @@ impl Worker {
             election: Election::new(config.cas_attempts),
             cache,
             seed,
+            seed_check_in: 0,
             flights,
             waiters: HashMap::new(),
             woken: HashMap::new(),
@@ -137,8 +143,15 @@ impl Worker {
 impl Worker {
     /// Workers must hash keys with the same seed or a write through one would not
     /// clear another's 404. The create protocol makes a split all but impossible;
-    /// should it happen anyway, every worker converges on the stored seed.
+    /// should it happen anyway, every worker converges on the stored seed within
+    /// [`SEED_CHECK_TICKS`] ticks (a read each tick would cost a hostcall and an
+    /// allocation callback for a value that is written once).
     pub fn check_seed(&mut self, store: &HostStore) {
+        if self.seed_check_in > 0 {
+            self.seed_check_in -= 1;
+            return;
+        }
+        self.seed_check_in = SEED_CHECK_TICKS - 1;
         if let Some(stored) = read_seed(store) {
             if stored != self.seed {
                 self.seed = stored;
