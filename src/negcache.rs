@@ -696,11 +696,15 @@ mod tests {
         assert_eq!(c.lookup(&s, fp, 3).mark, Mark::Missing);
     }
 
+    /// A store and two workers' caches on it, both reusing their reads.
+    fn two_reusing_workers() -> (MemStore, NegCache, NegCache) {
+        let reusing = |rng| cache(64, 16, 4, rng).with_local_reuse(REUSE);
+        (MemStore::new(), reusing(1), reusing(2))
+    }
+
     #[test]
     fn another_workers_delete_is_seen_once_the_reuse_window_has_passed() {
-        let s = MemStore::new();
-        let mut a = cache(64, 16, 4, 1).with_local_reuse(REUSE);
-        let mut b = cache(64, 16, 4, 2).with_local_reuse(REUSE);
+        let (s, mut a, mut b) = two_reusing_workers();
         let fp = known(&mut a, &s, b"k", 0);
         assert_eq!(a.lookup(&s, fp, 10).mark, Mark::Exists);
         let ticket = b.begin_write(&s, fp, 20);
@@ -718,9 +722,7 @@ mod tests {
 
     #[test]
     fn a_reused_read_cannot_fill_the_cache_after_a_write_to_its_bucket() {
-        let s = MemStore::new();
-        let mut a = cache(64, 16, 4, 1).with_local_reuse(REUSE);
-        let mut b = cache(64, 16, 4, 2).with_local_reuse(REUSE);
+        let (s, mut a, mut b) = two_reusing_workers();
         let fp = known(&mut a, &s, b"k", 0);
         a.lookup(&s, fp, 1);
         // Another worker writes the key (a re-login) after `a`'s read.
@@ -1868,36 +1870,25 @@ mod tests {
         /// The oracle is not vacuous: each deliberate bug produces stale 404s.
         #[test]
         fn the_oracle_catches_deliberate_bugs() {
-            for (sabotage, local_reuse_ms) in [
-                (
-                    Sabotage {
-                        skip_generation_check: true,
-                        ..Sabotage::default()
-                    },
-                    0,
-                ),
-                (
-                    Sabotage {
-                        skip_end_write: true,
-                        ..Sabotage::default()
-                    },
-                    0,
-                ),
-                (
-                    Sabotage {
-                        fallback_without_jump: true,
-                        ..Sabotage::default()
-                    },
-                    0,
-                ),
-                (
-                    Sabotage {
-                        reuse_missing: true,
-                        ..Sabotage::default()
-                    },
-                    20,
-                ),
+            for sabotage in [
+                Sabotage {
+                    skip_generation_check: true,
+                    ..Sabotage::default()
+                },
+                Sabotage {
+                    skip_end_write: true,
+                    ..Sabotage::default()
+                },
+                Sabotage {
+                    fallback_without_jump: true,
+                    ..Sabotage::default()
+                },
+                Sabotage {
+                    reuse_missing: true,
+                    ..Sabotage::default()
+                },
             ] {
+                let local_reuse_ms = if sabotage.reuse_missing { 20 } else { 0 };
                 // Read-heavy, so that most keys are missing, with frequent fallbacks.
                 let r = run(SimConfig {
                     sabotage,
