@@ -9,7 +9,7 @@
 //!
 //! | request  | at request start                           | at response / ending                                  |
 //! |----------|--------------------------------------------|-------------------------------------------------------|
-//! | GET      | [`lookup`](NegCache::lookup): 1 get; Missing → answer 404 locally | 404: [`insert_missing`](NegCache::insert_missing)(generation from the lookup); 200: [`mark_exists`](NegCache::mark_exists) (0 hostcalls if already known) |
+//! | GET      | [`lookup`](NegCache::lookup): 1 get (0 when this worker's recent Exists read is reused, [`crate::recent`]); Missing → answer 404 locally | 404: [`insert_missing`](NegCache::insert_missing)(generation from the lookup); 200: [`mark_exists`](NegCache::mark_exists) (0 hostcalls if already known) |
 //! | POST     | [`begin_write`](NegCache::begin_write)      | [`end_write`](NegCache::end_write)(2xx?) on *every* ending (reset and timeout included) |
 //! | DELETE   | [`begin_write`](NegCache::begin_write) (keep the ticket) | [`end_delete`](NegCache::end_delete)(ticket, 2xx?)  |
 //!

@@ -11,7 +11,7 @@ use crate::reply::ShedReason;
 use super::abi::{self, MetricKind};
 
 /// A counter fed with cumulative totals; it forwards the growth.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct Counter {
     id: Option<u32>,
     exported: u64,
@@ -45,7 +45,7 @@ impl Counter {
 /// A gauge; a value equal to the one this VM wrote last is not written again (every
 /// VM writes the same value read from shared data, so the stat still follows it
 /// within a tick, and the tick makes fewer hostcalls).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct Gauge {
     id: Option<u32>,
     written: Option<u64>,

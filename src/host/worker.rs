@@ -76,8 +76,6 @@ pub struct Worker {
     pub pressure: Option<PressureSnapshot>,
     pub counts: Counts,
     occupancy: OccupancyScan,
-    /// Live entries of the key table at the last complete scan.
-    occupied: u64,
 }
 
 /// Ticks the occupancy scan takes to cover the whole table (30 s at 100 ms). Every
@@ -116,7 +114,6 @@ impl Worker {
             pressure: None,
             counts: Counts::default(),
             occupancy: OccupancyScan::new(),
-            occupied: 0,
             config,
             metrics,
             rng,
@@ -167,8 +164,7 @@ impl Worker {
             .occupancy
             .step(self.cache.table(), store, now_ms, shards_per_tick)
         {
-            self.occupied = done.live();
-            self.metrics.cache_occupancy.set(self.occupied);
+            self.metrics.cache_occupancy.set(done.live());
         }
     }
 
