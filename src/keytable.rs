@@ -543,10 +543,19 @@ impl BucketMut<'_> {
 
     /// Removes every entry for `fp`; true if one was live.
     pub fn remove(&mut self, fp: u64) -> bool {
+        self.remove_where(fp, |state| state != SlotState::Empty)
+    }
+
+    /// Removes the Missing entries for `fp`, keeping an Exists mark; true if one was live.
+    pub fn remove_missing(&mut self, fp: u64) -> bool {
+        self.remove_where(fp, |state| state == SlotState::Missing)
+    }
+
+    fn remove_where(&mut self, fp: u64, doomed: impl Fn(SlotState) -> bool) -> bool {
         let mut was_live = false;
         for way in 0..self.ways {
             let slot = self.slot(way);
-            if slot.state != SlotState::Empty && slot.fp == fp {
+            if doomed(slot.state) && slot.fp == fp {
                 was_live |= slot.is_live(self.now);
                 self.write_slot(way, &Slot::EMPTY);
             }

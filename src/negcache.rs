@@ -562,7 +562,9 @@ impl NegCache {
         let (shard, bucket) = self.table.layout().locate(fp);
         let apply = |view: &mut crate::keytable::ShardMut<'_>, bump: bool| {
             let mut b = view.bucket(bucket);
-            b.remove(fp);
+            // Only a Missing entry could answer a stale 404; an Exists mark stays, so a
+            // logged-in user's reads stay critical while their session is written.
+            b.remove_missing(fp);
             if let Some(until) = exists_until {
                 b.put(fp, SlotState::Exists, until);
             }
@@ -913,10 +915,11 @@ mod tests {
         let t = c.begin_write(&s, fp, 9);
         c.end_write(&s, fp, true, 10);
         assert_eq!(c.end_delete(&s, fp, t, true, 11), Fill::Stale);
-        // A failed DELETE caches nothing.
+        // A failed DELETE caches nothing, and the session is still known to exist
+        // (writes keep Exists marks: they cannot answer a 404).
         let t = c.begin_write(&s, fp, 12);
         assert_eq!(c.end_delete(&s, fp, t, false, 13), Fill::Skipped);
-        assert_eq!(c.lookup(&s, fp, 14).mark, Mark::Unknown);
+        assert_eq!(c.lookup(&s, fp, 14).mark, Mark::Exists);
     }
 
     #[test]
