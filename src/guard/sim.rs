@@ -12,6 +12,7 @@ use super::{crit_index, Flight, KeyRequest, Outstanding, Verdict, Vm};
 use crate::classify::{Class, Criticality, Op};
 use crate::config::Config;
 use crate::fingerprint::splitmix64;
+use crate::gradient::Lane;
 use crate::limiter::{Completion, Ending, Permit};
 use crate::rng::Rng;
 use crate::shared::MemStore;
@@ -278,6 +279,7 @@ fn complete(vm: &mut Vm, store: &MemStore, done: InStore, now_us: u64, out: &mut
         let done = Completion {
             rtt_ms: Some(rtt_ms),
             ending,
+            lane: Lane::of(done.req.op),
         };
         vm.limiter.release(store, permit, done, now_ms);
     }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::gradient::Lane;
 use crate::limiter::{Completion, Ending, LimitMode};
 use crate::shared::MemStore;
 #[cfg(target_arch = "wasm32")]
@@ -32,6 +33,7 @@ fn answer(vm: &mut Vm, store: &MemStore, req: KeyRequest, fwd: Forward, status: 
         let done = Completion {
             rtt_ms: Some(1.0),
             ending: Ending::Response(status),
+            lane: Lane::of(req.op),
         };
         vm.limiter.release(store, permit, done, NOW);
     }
