@@ -220,9 +220,10 @@ def go_json(value) -> str:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool") or str(ROOT / ".tools/bin/promtool")
-    assert Path(path).exists(), "promtool missing: run scripts/setup.sh"
-    return path
+    """The promtool scripts/setup.sh unpacks (Debian's), not whichever one is on PATH."""
+    path = ROOT / ".tools/bin/promtool"
+    assert path.exists(), "promtool missing: run scripts/setup.sh"
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------
