@@ -68,3 +68,12 @@ def test_readme_command_works(command):
             return  # long runs (make test, demo, bench, soak, fuzz) are run elsewhere
     result = run(command, 600)
     assert result.returncode == 0, f"{command}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def test_the_readme_states_the_wasm_size_of_this_build():
+    """The README's approximate size holds for the module built from this commit."""
+    m = re.search(r"The `\.wasm` is about (\d+) KB", README.read_text())
+    assert m, "the README no longer states the module's size"
+    stated = int(m.group(1)) * 1000
+    actual = harness.WASM.stat().st_size
+    assert abs(actual - stated) <= 0.1 * stated, f"README says about {m.group(1)} KB, the build is {actual:,} bytes"
