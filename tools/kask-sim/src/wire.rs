@@ -12,6 +12,10 @@
 //! escape, which the router answers as Go's server does: `400 Bad Request`, then close.
 //! Request boundaries are followed through `Content-Length` and chunked bodies, so body
 //! bytes are never touched; anything this does not follow is passed through unchanged.
+//!
+//! The wrapper holds no buffer of its own while nothing needs rewriting (kask-sim's memory per
+//! connection is part of what it models): bytes are read into hyper's buffer and rewritten
+//! there; only a request line that grows keeps its overflow until hyper reads it.
 
 use std::io;
 use std::pin::Pin;
@@ -19,9 +23,9 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest header or chunk-size line kept for parsing; longer lines are not
-/// `Content-Length`, `Transfer-Encoding` or a chunk size anyone sends.
-const MAX_LINE: usize = 8 * 1024;
+/// Bytes of a header or chunk-size line kept for parsing: enough for `Content-Length`,
+/// `Transfer-Encoding` and a chunk size. A longer one of those is not followed ([`State::Opaque`]).
+const LINE_KEPT: usize = 64;
 
 /// What a control byte in a target becomes: an escape the router refuses as invalid.
 const REFUSED: &[u8] = b"%%";
@@ -52,11 +56,53 @@ enum State {
     Opaque,
 }
 
+/// Where the rewritten bytes go: for each input byte, either that byte (`keep`) or others.
+pub trait Sink {
+    fn keep(&mut self, input: &[u8]);
+    fn replace(&mut self, with: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn keep(&mut self, input: &[u8]) {
+        self.extend_from_slice(input);
+    }
+    fn replace(&mut self, with: &[u8]) {
+        self.extend_from_slice(with);
+    }
+}
+
+/// A sink that writes nothing while the output equals the input: `out` is `None` until the
+/// first replacement, then the whole rewritten chunk.
+struct Lazy<'a> {
+    input: &'a [u8],
+    kept: usize,
+    out: Option<Vec<u8>>,
+}
+
+impl Sink for Lazy<'_> {
+    fn keep(&mut self, input: &[u8]) {
+        match &mut self.out {
+            Some(out) => out.extend_from_slice(input),
+            None => self.kept += input.len(),
+        }
+    }
+    fn replace(&mut self, with: &[u8]) {
+        let out = self.out.get_or_insert_with(|| {
+            let mut v = Vec::with_capacity(self.input.len() + 64);
+            v.extend_from_slice(&self.input[..self.kept]);
+            v
+        });
+        out.extend_from_slice(with);
+    }
+}
+
 /// The byte-stream transformation, independent of any I/O.
 #[derive(Debug)]
 pub struct Rewriter {
     state: State,
-    line: Vec<u8>,
+    line: [u8; LINE_KEPT],
+    /// Length of the current line so far (may exceed what `line` kept).
+    len: usize,
     content_length: Option<u64>,
     chunked: bool,
 }
@@ -65,7 +111,8 @@ impl Default for Rewriter {
     fn default() -> Self {
         Rewriter {
             state: State::Method,
-            line: Vec::new(),
+            line: [0; LINE_KEPT],
+            len: 0,
             content_length: None,
             chunked: false,
         }
@@ -90,23 +137,23 @@ fn is_control(b: u8) -> bool {
     b < 0x20 || b == 0x7f
 }
 
-fn push_escaped(out: &mut Vec<u8>, b: u8) {
+fn escaped(b: u8) -> [u8; 3] {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+    [b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]
 }
 
 impl Rewriter {
-    /// Appends the rewritten form of `input` (the next bytes from the client) to `out`.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+    /// Passes the rewritten form of `input` (the next bytes from the client) to `out`.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut impl Sink) {
         while !input.is_empty() {
             match self.state {
                 State::Opaque => {
-                    out.extend_from_slice(input);
+                    out.keep(input);
                     return;
                 }
                 State::Body(left) | State::ChunkData(left) => {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
-                    out.extend_from_slice(&input[..n]);
+                    out.keep(&input[..n]);
                     input = &input[n..];
                     let left = left - n as u64;
                     self.state = match (self.state, left) {
@@ -116,85 +163,77 @@ impl Rewriter {
                         _ => State::ChunkData(left),
                     };
                 }
+                State::Path | State::Query => {
+                    self.target_byte(&input[..1], out);
+                    input = &input[1..];
+                }
                 _ => {
-                    self.byte(input[0], out);
+                    out.keep(&input[..1]);
+                    self.byte(input[0]);
                     input = &input[1..];
                 }
             }
         }
     }
 
-    fn byte(&mut self, b: u8, out: &mut Vec<u8>) {
+    /// A byte outside targets and bodies (always kept as it is): the state after it.
+    fn byte(&mut self, b: u8) {
         match self.state {
-            State::Method => {
-                out.push(b);
-                if b == b' ' {
-                    self.state = State::Path;
-                }
+            State::Method if b == b' ' => self.state = State::Path,
+            State::Version if b == b'\n' => {
+                self.state = State::Headers;
+                self.content_length = None;
+                self.chunked = false;
             }
-            State::Path | State::Query => self.target_byte(b, out),
-            State::Version => {
-                out.push(b);
-                if b == b'\n' {
-                    self.state = State::Headers;
-                    self.content_length = None;
-                    self.chunked = false;
-                }
-            }
+            State::ChunkEnd if b == b'\n' => self.state = State::ChunkSize,
             State::Headers | State::ChunkSize | State::Trailers => {
-                out.push(b);
                 if b != b'\n' {
-                    if self.line.len() < MAX_LINE {
-                        self.line.push(b);
+                    if self.len < LINE_KEPT {
+                        self.line[self.len] = b;
                     }
+                    self.len += 1;
                     return;
                 }
-                let line = std::mem::take(&mut self.line);
-                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                let (kept, len) = (self.len.min(LINE_KEPT), self.len);
+                self.len = 0;
+                let line = self.line;
+                let line = &line[..kept];
+                let (line, len) = match line.strip_suffix(b"\r") {
+                    Some(l) if len == kept => (l, len - 1),
+                    _ => (line, len),
+                };
                 self.state = match self.state {
-                    State::Headers => self.header(line),
-                    State::ChunkSize => chunk_size(line),
-                    _ if line.is_empty() => State::Method,
+                    State::Headers => self.header(line, len > line.len()),
+                    State::ChunkSize => chunk_size(line, len > line.len()),
+                    _ if len == 0 => State::Method,
                     other => other,
                 };
             }
-            State::ChunkEnd => {
-                out.push(b);
-                if b == b'\n' {
-                    self.state = State::ChunkSize;
-                }
-            }
-            State::Body(_) | State::ChunkData(_) | State::Opaque => out.push(b),
+            _ => {}
         }
     }
 
-    fn target_byte(&mut self, b: u8, out: &mut Vec<u8>) {
+    fn target_byte(&mut self, input: &[u8], out: &mut impl Sink) {
+        let b = input[0];
         let query = self.state == State::Query;
         match b {
-            b' ' => {
-                out.push(b);
-                self.state = State::Version;
-            }
+            b' ' => self.state = State::Version,
             // A line that ends inside the target is no HTTP/1.x request: let hyper refuse it.
-            b'\r' | b'\n' => {
-                out.push(b);
-                self.state = State::Opaque;
-            }
-            b'?' if !query => {
-                out.push(b);
-                self.state = State::Query;
-            }
-            _ if is_control(b) => out.extend_from_slice(REFUSED),
+            b'\r' | b'\n' => self.state = State::Opaque,
+            b'?' if !query => self.state = State::Query,
+            _ if is_control(b) => return out.replace(REFUSED),
             _ if (query && escape_in_query(b)) || (!query && escape_in_path(b)) => {
-                push_escaped(out, b)
+                return out.replace(&escaped(b))
             }
-            _ => out.push(b),
+            _ => {}
         }
+        out.keep(input);
     }
 
-    /// One header line (without its line end); the state after it.
-    fn header(&mut self, line: &[u8]) -> State {
-        if line.is_empty() {
+    /// One header line (without its line end; `cut`: longer than what was kept); the state
+    /// after it.
+    fn header(&mut self, line: &[u8], cut: bool) -> State {
+        if line.is_empty() && !cut {
             return match (self.chunked, self.content_length) {
                 (true, _) => State::ChunkSize,
                 (false, Some(n)) if n > 0 => State::Body(n),
@@ -205,12 +244,17 @@ impl Rewriter {
             return State::Headers;
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        if name.eq_ignore_ascii_case(b"content-length") {
+        let length = name.eq_ignore_ascii_case(b"content-length");
+        let coding = name.eq_ignore_ascii_case(b"transfer-encoding");
+        if (length || coding) && cut {
+            return State::Opaque;
+        }
+        if length {
             match std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()) {
                 Some(n) => self.content_length = Some(n),
                 None => return State::Opaque,
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if coding {
             self.chunked = value
                 .split(|&c| c == b',')
                 .any(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
@@ -219,13 +263,13 @@ impl Rewriter {
     }
 }
 
-/// A chunk-size line (`1a;ext=x`); the state after it.
-fn chunk_size(line: &[u8]) -> State {
-    let digits = line
-        .split(|&c| c == b';')
-        .next()
-        .unwrap_or(b"")
-        .trim_ascii();
+/// A chunk-size line (`1a;ext=x`; `cut`: longer than what was kept); the state after it.
+fn chunk_size(line: &[u8], cut: bool) -> State {
+    let semicolon = line.iter().position(|&c| c == b';');
+    if cut && semicolon.is_none() {
+        return State::Opaque;
+    }
+    let digits = line[..semicolon.unwrap_or(line.len())].trim_ascii();
     match std::str::from_utf8(digits)
         .ok()
         .and_then(|d| u64::from_str_radix(d, 16).ok())
@@ -240,8 +284,8 @@ fn chunk_size(line: &[u8]) -> State {
 pub struct GoTargets<S> {
     inner: S,
     rewriter: Rewriter,
-    raw: Box<[u8]>,
-    out: Vec<u8>,
+    /// Rewritten bytes that did not fit into the reader's buffer yet.
+    pending: Vec<u8>,
     pos: usize,
 }
 
@@ -250,9 +294,19 @@ impl<S> GoTargets<S> {
         GoTargets {
             inner,
             rewriter: Rewriter::default(),
-            raw: vec![0; 16 * 1024].into_boxed_slice(),
-            out: Vec::new(),
+            pending: Vec::new(),
             pos: 0,
+        }
+    }
+
+    /// Moves what fits of `pending` into `buf`; frees it once it is all out.
+    fn drain(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = buf.remaining().min(self.pending.len() - self.pos);
+        buf.put_slice(&self.pending[self.pos..self.pos + n]);
+        self.pos += n;
+        if self.pos == self.pending.len() {
+            self.pending = Vec::new();
+            self.pos = 0;
         }
     }
 }
@@ -264,24 +318,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for GoTargets<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        loop {
-            if me.pos < me.out.len() {
-                let n = buf.remaining().min(me.out.len() - me.pos);
-                buf.put_slice(&me.out[me.pos..me.pos + n]);
-                me.pos += n;
-                if me.pos == me.out.len() {
-                    me.out.clear();
-                    me.pos = 0;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            let mut raw = ReadBuf::new(&mut me.raw);
-            ready!(Pin::new(&mut me.inner).poll_read(cx, &mut raw))?;
-            if raw.filled().is_empty() {
-                return Poll::Ready(Ok(())); // end of stream
-            }
-            me.rewriter.feed(raw.filled(), &mut me.out);
+        if me.pos < me.pending.len() {
+            me.drain(buf);
+            return Poll::Ready(Ok(()));
         }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut me.inner).poll_read(cx, buf))?;
+        let mut sink = Lazy {
+            input: &buf.filled()[before..],
+            kept: 0,
+            out: None,
+        };
+        me.rewriter.feed(sink.input, &mut sink);
+        if let Some(out) = sink.out {
+            // Rewritten: what was read is replaced by what fits of the rewritten bytes.
+            buf.set_filled(before);
+            me.pending = out;
+            me.drain(buf);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -388,6 +443,51 @@ mod tests {
             5;x=y\r\n<a b>\r\n3\r\n#\xff\"\r\n0\r\nX-T: <>\r\n\r\n\
             GET /k%3C2%3E HTTP/1.1\r\n\r\n";
         assert_eq!(rewrite(input), want);
+    }
+
+    #[test]
+    fn nothing_is_copied_while_nothing_changes() {
+        let mut rw = Rewriter::default();
+        let plain: &[u8] = b"GET /sessions/v1/abc HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut sink = Lazy {
+            input: plain,
+            kept: 0,
+            out: None,
+        };
+        rw.feed(plain, &mut sink);
+        assert!(sink.out.is_none());
+        assert_eq!(sink.kept, plain.len());
+        let odd: &[u8] = b"GET /k<1> HTTP/1.1\r\n\r\n";
+        let mut sink = Lazy {
+            input: odd,
+            kept: 0,
+            out: None,
+        };
+        rw.feed(odd, &mut sink);
+        assert_eq!(
+            sink.out.as_deref(),
+            Some(&b"GET /k%3C1%3E HTTP/1.1\r\n\r\n"[..])
+        );
+    }
+
+    #[test]
+    fn long_header_lines() {
+        // A long header that does not frame the body is skipped over; the next request is
+        // still found.
+        let long = format!("X-Long: {}\r\n", "v".repeat(500));
+        let input = format!(
+            "POST /a HTTP/1.1\r\n{long}Content-Length: 3\r\n\r\n<b>GET /<c> HTTP/1.1\r\n\r\n"
+        );
+        let want = format!(
+            "POST /a HTTP/1.1\r\n{long}Content-Length: 3\r\n\r\n<b>GET /%3Cc%3E HTTP/1.1\r\n\r\n"
+        );
+        assert_eq!(rewrite(input.as_bytes()), want.as_bytes());
+        // One that does but is longer than what is kept: not followed.
+        let input = format!(
+            "POST /a HTTP/1.1\r\nContent-Length:{}3\r\n\r\n<b>GET /<c>",
+            " ".repeat(80)
+        );
+        assert_eq!(rewrite(input.as_bytes()), input.as_bytes());
     }
 
     #[test]
