@@ -4,7 +4,7 @@ WASM := target/wasm32-wasip1/release/sessionguard.wasm
 PYTEST := .venv/bin/python -m pytest
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup build lint test test-rust test-wasm test-envoy demo bench bench-quick clean
+.PHONY: setup build lint test test-rust test-wasm test-envoy validate demo bench bench-quick clean
 
 setup:
 	@scripts/setup.sh
@@ -31,6 +31,12 @@ test-envoy: build
 	$(PYTEST) tests -q
 
 test: lint test-rust test-wasm test-envoy
+
+# Envoy's own validation of every shipped Envoy config (envoy/*.yaml, the ConfigMap in
+# deploy/k8s/) with the built filter and throw-away certificates in place of the deployment's
+# paths. CONFIGS="your.yaml ..." validates those files instead.
+validate: build
+	.venv/bin/python scripts/validate_configs.py $(CONFIGS)
 
 distinct-keys: build
 	.venv/bin/python scripts/distinct_keys.py

@@ -49,7 +49,7 @@ def test_quick_replay_produces_a_sane_table_json_and_plot(tmp_path):
         # The store was sampled while it ran, never above its limit by more than the last
         # allocation before the watchdog's kill.
         assert r["peak_rss_bytes"] is not None, name
-        assert r["peak_rss_bytes"] <= 1.05 * r["limit_bytes"], name
+        assert r["oom_kills"] > 0 or r["peak_rss_bytes"] <= r["limit_bytes"], name  # over it: killed
         assert len(r["memory"]) >= planned, name
         # What reached the store, counted at both ends: the store answered at most what
         # Envoy sent it (plus nothing else: the sampler's /metrics is not counted).

@@ -13,6 +13,7 @@ mod server;
 mod store;
 mod supervise;
 mod units;
+mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;

@@ -21,6 +21,7 @@ use crate::log;
 use crate::memory::MemoryModel;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::wire::GoTargets;
 
 /// How long in-flight requests get to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -152,7 +153,8 @@ async fn serve(cfg: ServeConfig) -> Result<(Arc<App>, Arc<Store>), String> {
                     let app = Arc::clone(&app);
                     async move { Ok::<_, std::convert::Infallible>(handler::handle(app, req).await) }
                 });
-                let conn = http.serve_connection(TokioIo::new(stream), service);
+                // Request targets as Go reads them (hyper's URI parser refuses some Kask accepts).
+                let conn = http.serve_connection(TokioIo::new(GoTargets::new(stream)), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
