@@ -224,6 +224,41 @@ def test_adaptive_limit_never_sheds_in_steady_state_and_follows_a_latency_step(s
           f"outcomes {load.snapshot()}")
 
 
+def test_adaptive_limit_judges_slow_reads_apart_from_fast_writes(sidecar):
+    """A store whose reads take 300 ms and whose writes take ~1 ms. A prefill of writes
+    comes first; with one latency baseline for both, the reads then looked 300x
+    inflated and the limit fell to its floor (issue 16: in front of Kask with reads
+    delayed 1 s it fell to 20). Reads and writes are judged apart: the limit keeps
+    serving the readers, high but stable latency is not overload."""
+    clients = 40
+    kask, envoy = sidecar(
+        plugin={"concurrency": {"mode": "adaptive", "limit": 64, "min_limit": 4,
+                                "max_limit": 512},
+                "admission": NO_ADMISSION, "negative_cache": NO_CACHE},
+        kask_flags=("--read-delay-ms", "300", "--service-time-ms", "0.5",
+                    "--backend-parallelism", "64"))
+    keys = [f"/sessions/v1/lane{j}" for j in range(300)]
+    results = parallel(envoy.port, [("POST", k, b"PHP.lane") for k in keys], workers=16)
+    assert [r.status for r, _ in results] == [201] * len(keys)
+    # Controller steps with the writes' window (interval 1 s, >= 20 samples).
+    harness.wait_for(lambda: envoy.stats().get("sessionguard.min_rtt_us", 0) > 0, 5,
+                     "a baseline learned from the writes")
+    time.sleep(1.5)
+    limits = []
+    with Driver(envoy.port, clients, lambda i, n: keys[(7 * i + n) % len(keys)]) as load:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            time.sleep(1)
+            limits.append(envoy.stats().get("sessionguard.limit", 0))
+        outcomes = load.snapshot()
+    served = outcomes.get(200, 0)
+    shed = outcomes.get(503, 0)
+    print(f"limits {limits}, outcomes {outcomes}")
+    assert served > 20 * clients, outcomes  # ~3 reads/s per client
+    assert shed <= 0.01 * (served + shed), (outcomes, limits)
+    assert min(limits[5:]) >= clients, limits
+
+
 @pytest.mark.parametrize("failure_rates,known", [((0.6, 0.2), False), ((0.6,), True)])
 def test_admission_rejection_tracks_the_formula(sidecar, failure_rates, known):
     """The store fails a share f of requests; the filter rejects the share the formula

@@ -38,6 +38,7 @@ pub struct ServeConfig {
     pub release_delay: Duration,
     pub memory_limit: Option<u64>,
     pub get_delay_ms: u64,
+    pub read_delay_ms: u64,
     pub error_rate: f64,
     pub control: bool,
 }
@@ -95,6 +96,7 @@ async fn serve(cfg: ServeConfig) -> Result<(Arc<App>, Arc<Store>), String> {
         memory,
         backend,
         knobs: Knobs::new(cfg.get_delay_ms, cfg.error_rate),
+        read_delay: Duration::from_millis(cfg.read_delay_ms),
         parallelism: cfg.backend_parallelism,
     });
 
