@@ -4,7 +4,7 @@ WASM := target/wasm32-wasip1/release/sessionguard.wasm
 PYTEST := .venv/bin/python -m pytest
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup build lint test test-rust test-wasm test-envoy demo bench bench-quick clean
+.PHONY: setup build lint test test-rust test-wasm test-envoy demo replay-surge replay-docs bench bench-quick clean
 
 setup:
 	@scripts/setup.sh
@@ -35,8 +35,20 @@ test: lint test-rust test-wasm test-envoy
 distinct-keys: build
 	.venv/bin/python scripts/distinct_keys.py
 
+# The incident and the 3x surge against six setups (docs/replay.md; ~14 minutes on 2 cores).
+# Records the run in docs/results/replay.json, regenerates docs/replay.md, the plots and the
+# README's replay table from it.
 demo: build
 	.venv/bin/python scripts/demo.py
+
+# The 5x surge, same six setups (~7 minutes); recorded the same way.
+replay-surge: build
+	SG_REPLAY_COMMAND="make replay-surge" .venv/bin/python scripts/replay.py --scenario surge5
+
+# docs/replay.md, docs/img/replay-*.png and the README's replay table from the committed
+# results, without running anything.
+replay-docs: setup
+	.venv/bin/python scripts/replay.py --docs-only
 
 # Throughput, latency and CPU per request against the no-op filter and native Envoy,
 # then the target pairs as sequential and shared-core duels (~16 minutes; installs wrk
