@@ -889,15 +889,14 @@ README_END = "<!-- replay:end -->"
 
 README_COLUMNS = [
     # (header, value for one result, formatted)
-    ("store OOM kills", lambda r: str(r["oom_kills"])),
-    ("peak store RSS / limit", lambda r: fmt_ratio(r["peak_rss_ratio"])),
-    ("store answers/s while the surge holds, of capacity",
+    ("OOM kills", lambda r: str(r["oom_kills"])),
+    ("peak RSS / limit", lambda r: fmt_ratio(r["peak_rss_ratio"])),
+    ("store answers in surge, of capacity",
      lambda r: f"{r['surge']['store_share_of_capacity_pct']:.0f}%"),
     ("writes ok", lambda r: fmt_pct(r["writer_success_pct"])),
     ("logged-in reads ok", lambda r: fmt_pct(r["user_read_success_pct"])),
     ("reader lookups ok", lambda r: fmt_pct(r["reader_miss_success_pct"])),
-    ("503s to writes, logged-in reads, logouts",
-     lambda r: fmt_pct(r["shed_503_user_share_pct"])),
+    ("503s to logged-in users", lambda r: fmt_pct(r["shed_503_user_share_pct"])),
 ]
 
 
@@ -906,7 +905,7 @@ def readme_table(data: dict) -> str:
     runs = {n: {r["setup"]: r for r in data["scenarios"].get(n, {}).get("results", [])}
             for n in names}
     labels = " / ".join(SCENARIOS[n]["label"] for n in names)
-    heads = ["setup"] + [f"{h} ({labels})" for h, _ in README_COLUMNS]
+    heads = [f"setup (each cell: {labels})"] + [h for h, _ in README_COLUMNS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for setup in SETUPS:
         cells = [README_NAMES[setup]]
@@ -939,7 +938,10 @@ like a Kubernetes pod when it passes its memory limit:
 
 Each cell is *incident / 3x*, from the last full run recorded in
 [docs/results/replay.json](docs/results/replay.json) (this table is generated from that file by
-`scripts/replay.py`, and `tests/test_replay.py` fails if they disagree):
+`scripts/replay.py`, and `tests/test_replay.py` fails if they disagree). *Store answers in
+surge*: key requests the store answered per second while the surge held, as a share of its
+capacity; *503s to logged-in users*: the share of all 503s that went to writes, logged-in reads
+and logouts.
 
 {readme_table(data)}
 
