@@ -35,13 +35,15 @@ test: lint test-rust test-wasm test-envoy
 distinct-keys: build
 	.venv/bin/python scripts/distinct_keys.py
 
-# The incident and the 3x surge against six setups (docs/replay.md; ~14 minutes on 2 cores).
+# The incident and the 3x surge against six setups (docs/replay.md). 13 min on this 2-core
+# machine on 2026-12-06 (commit aa83041, already built; each scenario's time is recorded in
+# docs/results/replay.json).
 # Records the run in docs/results/replay.json, regenerates docs/replay.md, the plots and the
 # README's replay table from it.
 demo: build
 	.venv/bin/python scripts/demo.py
 
-# The 5x surge, same six setups (~7 minutes); recorded the same way.
+# The 5x surge, same six setups; recorded the same way (5.7 min on 2026-12-06, commit 87d7016).
 replay-surge: build
 	SG_REPLAY_COMMAND="make replay-surge" .venv/bin/python scripts/replay.py --scenario surge5
 

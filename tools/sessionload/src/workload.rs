@@ -552,7 +552,11 @@ mod tests {
             deciles[((k - 1) * 10 / n) as usize] += 1;
         }
         // Expected repeats among 2e5 uniform draws over 1e9: ~20.
-        assert!(draws - seen.len() as u64 <= 100, "{} repeats", draws - seen.len() as u64);
+        assert!(
+            draws - seen.len() as u64 <= 100,
+            "{} repeats",
+            draws - seen.len() as u64
+        );
         // Each tenth of the space gets a tenth of the draws (sd ~134).
         for (i, &c) in deciles.iter().enumerate() {
             assert!(c.abs_diff(draws / 10) < 1000, "decile {i}: {c} of {draws}");
