@@ -891,9 +891,23 @@ def record_run(data: dict, name: str, meta: dict, results: list[dict]) -> dict:
 
 
 def write_results_file(data: dict, path: Path = RESULTS_FILE) -> None:
-    """One setup per line, so diffs stay readable."""
+    """A run's meta on one line, each setup's results on one line, each earlier run on one
+    line: the file stays small and a new run's diff shows which rows changed."""
+    def one(v):
+        return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+
+    parts = []
+    for name, entry in data["scenarios"].items():
+        rows = ",\n    ".join(one(r) for r in entry["results"])
+        parts.append(f'  {one(name)}: {{\n   "meta": {one(entry["meta"])},\n'
+                     f'   "results": [\n    {rows}\n   ]\n  }}')
+    earlier = ",\n  ".join(one(e) for e in data["earlier"])
+    text = ("{\n" f' "about": {one(data["about"])},\n'
+            ' "scenarios": {\n' + ",\n".join(parts) + "\n },\n"
+            ' "earlier": [' + (f"\n  {earlier}\n " if earlier else "") + "]\n}\n")
+    assert json.loads(text) == data
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, separators=(",", ": ")) + "\n")
+    path.write_text(text)
 
 
 # ------------------------------------------------------------------------------------------
