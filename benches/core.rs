@@ -16,9 +16,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use sessionguard::classify::{classify, Criticality};
 use sessionguard::config::Config;
 use sessionguard::gradient::Lane;
-use sessionguard::guard::{Flight, KeyRequest, Outstanding, Verdict, Vm};
-use sessionguard::limiter::{Acquire, Completion, Ending, LimitMode, Limiter};
-use sessionguard::negcache::{Mark, NegCache};
+use sessionguard::guard::{negative_cache, Flight, KeyRequest, Outstanding, Verdict, Vm};
+use sessionguard::limiter::{Acquire, LimitMode, Limiter};
+use sessionguard::negcache::Mark;
+use sessionguard::outcome::{Completion, Ending};
 use sessionguard::pressure::PressureTracker;
 use sessionguard::prom::find_gauge;
 use sessionguard::reply::{self, ShedReason};
@@ -137,12 +138,12 @@ fn bench_negcache(c: &mut Criterion) {
     let missing = key_of(MISSING_PATH);
 
     g.bench_function("fingerprint", |b| {
-        let cache = NegCache::from_config(&cfg, 42, 7);
+        let cache = negative_cache(&cfg, 42, 7);
         b.iter(|| cache.fingerprint(black_box(&key)))
     });
     g.bench_function("lookup/hit_missing", |b| {
         let store = MemStore::new();
-        let mut cache = NegCache::from_config(&cfg, 42, 7);
+        let mut cache = negative_cache(&cfg, 42, 7);
         let fp = cache.fingerprint(&missing);
         let seen = cache.lookup(&store, fp, NOW_MS);
         cache.insert_missing(&store, fp, seen.generation, NOW_MS);
@@ -151,13 +152,13 @@ fn bench_negcache(c: &mut Criterion) {
     });
     g.bench_function("lookup/absent_shard", |b| {
         let store = MemStore::new();
-        let mut cache = NegCache::from_config(&cfg, 42, 7);
+        let mut cache = negative_cache(&cfg, 42, 7);
         let fp = cache.fingerprint(&key);
         b.iter(|| cache.lookup(&store, black_box(fp), NOW_MS))
     });
     g.bench_function("insert_missing", |b| {
         let store = MemStore::new();
-        let mut cache = NegCache::from_config(&cfg, 42, 7);
+        let mut cache = negative_cache(&cfg, 42, 7);
         let fp = cache.fingerprint(&missing);
         // Create the shard first: the steady state is a get and a CAS set.
         cache.lookup(&store, fp, NOW_MS);
@@ -169,7 +170,7 @@ fn bench_negcache(c: &mut Criterion) {
     });
     g.bench_function("begin_write+end_write", |b| {
         let store = MemStore::new();
-        let mut cache = NegCache::from_config(&cfg, 42, 7);
+        let mut cache = negative_cache(&cfg, 42, 7);
         let fp = cache.fingerprint(&key);
         cache.begin_write(&store, fp, NOW_MS);
         b.iter(|| {

@@ -60,8 +60,8 @@
 use serde::Deserialize;
 
 use crate::classify::Criticality;
-use crate::config::{check_range, check_unit, field, ConfigError};
-use crate::limiter::Ending;
+use crate::config::check::{check_range, check_unit, field, ConfigError};
+use crate::outcome::Ending;
 use crate::shared::{update, SharedStore};
 use crate::wire::Reader;
 

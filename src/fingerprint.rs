@@ -32,6 +32,7 @@
 //! and its remaining window); [`read_seed`] lets a periodic task verify agreement.
 
 use crate::keytable::create_if_absent;
+use crate::rng::splitmix64;
 use crate::shared::{SetError, SharedStore};
 
 /// Shared-data key holding the deployment's fingerprint seed.
@@ -129,15 +130,6 @@ fn sip_round(v: &mut [u64; 4]) {
     v[1] = v[1].rotate_left(17);
     v[1] ^= v[2];
     v[2] = v[2].rotate_left(32);
-}
-
-/// A strong 64-bit mixer (the finaliser of SplitMix64); not keyed, used only to expand
-/// secrets and in tests.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn encode_seed(seed: u64) -> [u8; 16] {

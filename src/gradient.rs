@@ -80,7 +80,7 @@
 //! overwritten with a fresh state starting at the configured `limit`.
 
 use crate::classify::Op;
-use crate::limiter::{ConcurrencyConfig, LimitMode};
+use crate::limiter::config::{ConcurrencyConfig, LimitMode};
 use crate::shared::{update, SharedStore, UpdateError};
 use crate::wire::{f64_to_u32, Reader};
 
@@ -673,7 +673,7 @@ pub fn sync<S: SharedStore + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::AdaptiveConfig;
+    use crate::limiter::config::AdaptiveConfig;
     use crate::shared::MemStore;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;

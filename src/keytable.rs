@@ -68,7 +68,7 @@
 
 use serde::Deserialize;
 
-use crate::config::{check_range, field, ConfigError};
+use crate::config::check::{check_range, field, ConfigError};
 use crate::rng::Rng;
 use crate::shared::{SetError, SharedStore};
 
@@ -82,7 +82,7 @@ pub struct KeyTableConfig {
     /// How long a key seen to exist (200/201) stays critical for priorities.
     pub known_ttl_ms: u64,
     /// How long a worker reuses its own read of a key marked Exists instead of
-    /// reading the shard again (see `crate::recent`); 0 = never.
+    /// reading the shard again (see `negcache/recent.rs`); 0 = never.
     pub local_reuse_ms: u64,
 }
 
@@ -1055,7 +1055,7 @@ impl KeyTable {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::fingerprint::splitmix64;
+    use crate::rng::splitmix64;
     use crate::shared::MemStore;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;

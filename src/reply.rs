@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use crate::classify::{find_any, percent_decode_into, QUERY_OR_FRAGMENT};
-use crate::config::{check_range, check_unit, field, ConfigError};
+use crate::config::check::{check_range, check_unit, field, ConfigError};
 
 /// A problem body up to the contents of its `instance` string. Only the instance varies
 /// per request; the other fields are constant texts that Go would not escape (a test

@@ -3,6 +3,18 @@
 //! Decisions need uniform numbers, not secrets: SplitMix64 is enough, and a fixed
 //! seed makes tests reproducible. The filter seeds it from the host's `random_get`.
 
+/// SplitMix64's increment (the golden ratio in 64 bits).
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One step of SplitMix64 from state `x`: a strong 64-bit mixer, not keyed. Also used
+/// to expand secrets ([`crate::fingerprint`]) and to spread hash keys.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(GOLDEN);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
@@ -12,11 +24,20 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        let z = splitmix64(self.0);
+        self.0 = self.0.wrapping_add(GOLDEN);
+        z
+    }
+
+    /// Uniform in `[0, n)` (0 when `n` is 0); the modulo bias is negligible for the
+    /// small `n` of simulations.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
     }
 
     /// Uniform in [0, 1).

@@ -23,8 +23,37 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::fingerprint::splitmix64;
-use crate::negcache::SingleFlightConfig;
+use crate::rng::splitmix64;
+use serde::Deserialize;
+
+use crate::config::check::{check_range, field, ConfigError};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SingleFlightConfig {
+    pub enabled: bool,
+    /// Requests that may wait on one in-flight lookup; more go upstream.
+    pub max_waiters: u32,
+    /// Longest a waiter is held before it goes upstream itself.
+    pub max_wait_ms: u64,
+}
+
+impl Default for SingleFlightConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_waiters: 64,
+            max_wait_ms: 1000,
+        }
+    }
+}
+
+impl SingleFlightConfig {
+    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        check_range(&field(section, "max_waiters"), self.max_waiters, 0, 10_000)?;
+        check_range(&field(section, "max_wait_ms"), self.max_wait_ms, 1, 10_000)
+    }
+}
 
 /// What a GET should do after [`SingleFlight::join`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

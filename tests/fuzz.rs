@@ -32,12 +32,12 @@ use sessionguard::config::Config;
 use sessionguard::election::{Election, Lease, LEASE_KEY};
 use sessionguard::fingerprint::{init_seed, read_seed, Fingerprinter, SEED_KEY};
 use sessionguard::gradient::{Controller, GradientState, Lane, RttHistogram, GRADIENT_KEY};
+use sessionguard::guard::negative_cache;
 use sessionguard::header_pairs;
 use sessionguard::keytable::{KeyTable, Layout, OccupancyScan};
-use sessionguard::limiter::{
-    Acquire, Completion, ConcurrencyConfig, Ending, LimitMode, Limiter, Permit, INFLIGHT_KEY,
-};
-use sessionguard::negcache::{Fill, Invalidation, Mark, NegCache, SingleFlightConfig};
+use sessionguard::limiter::{Acquire, ConcurrencyConfig, LimitMode, Limiter, Permit, INFLIGHT_KEY};
+use sessionguard::negcache::{Fill, Invalidation, Mark, NegCache};
+use sessionguard::outcome::{Completion, Ending};
 use sessionguard::pressure::{
     self, FailureReason, MemoryConfig, MetricsEndpoint, PressureSnapshot, PressureTracker,
     SNAPSHOT_KEY, SNAPSHOT_LEN,
@@ -45,6 +45,7 @@ use sessionguard::pressure::{
 use sessionguard::prom::{find_gauge, samples, PromError, Selector};
 use sessionguard::reply::{self, RetryAfterConfig, ShedReason};
 use sessionguard::shared::{MemStore, SharedStore};
+use sessionguard::singleflight::SingleFlightConfig;
 use sessionguard::singleflight::{Join, Limits, SingleFlight};
 
 // ---------------------------------------------------------------------------------
@@ -520,7 +521,7 @@ fn build_everything(g: &mut Gen, cfg: &Config) {
     let layout = Layout::from_config(&cfg.key_table);
     assert!(layout.slots() >= 1);
     assert!(layout.slots() <= u64::from(cfg.key_table.capacity.max(1)));
-    let mut cache = NegCache::from_config(cfg, g.u64(), g.u64());
+    let mut cache = negative_cache(cfg, g.u64(), g.u64());
     let fp = cache.fingerprint(b"k");
     let l = cache.lookup(&store, fp, 1);
     let _ = cache.insert_missing(&store, fp, l.generation, 1);

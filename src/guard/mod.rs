@@ -309,13 +309,25 @@ pub struct Vm {
     pub tally: Tally,
 }
 
+/// The negative cache of a whole configuration: its own section, the key table's and the
+/// CAS bound. `key_seed` is the deployment's fingerprint seed, `rng_seed` any per-worker random.
+pub fn negative_cache(config: &Config, key_seed: u64, rng_seed: u64) -> NegCache {
+    NegCache::new(
+        &config.negative_cache,
+        &config.key_table,
+        config.cas_attempts,
+        key_seed,
+        rng_seed,
+    )
+}
+
 impl Vm {
     /// A VM with `config`; `vm_id` names it in shared tables, `seed` seeds its
     /// randomness (the key-hash seed is shared: `key_seed`).
     pub fn new(config: Config, vm_id: u64, key_seed: u64, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         Self {
-            cache: NegCache::from_config(&config, key_seed, rng.next_u64()),
+            cache: negative_cache(&config, key_seed, rng.next_u64()),
             limiter: Limiter::new(&config.concurrency, config.cas_attempts, vm_id),
             admission: Admission::new(&config.admission, config.cas_attempts),
             flights: SingleFlight::new(&config.negative_cache.single_flight, Limits::default()),

@@ -11,9 +11,10 @@ use std::collections::BinaryHeap;
 use super::{crit_index, Flight, KeyRequest, Outstanding, Verdict, Vm};
 use crate::classify::{Class, Criticality, Op};
 use crate::config::Config;
-use crate::fingerprint::splitmix64;
 use crate::gradient::Lane;
-use crate::limiter::{Completion, Ending, Permit};
+use crate::limiter::Permit;
+use crate::outcome::{Completion, Ending};
+use crate::rng::splitmix64;
 use crate::rng::Rng;
 use crate::shared::MemStore;
 

@@ -1,6 +1,7 @@
 use super::*;
 use crate::gradient::Lane;
-use crate::limiter::{Completion, Ending, LimitMode};
+use crate::limiter::LimitMode;
+use crate::outcome::{Completion, Ending};
 use crate::shared::MemStore;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -12,8 +12,9 @@ use crate::classify::{classify, Class, Op};
 use crate::gradient::Lane;
 use crate::guard::{Flight, KeyRequest, Outstanding, Verdict};
 use crate::header_pairs;
-use crate::limiter::{Completion, Ending, Permit};
+use crate::limiter::Permit;
 use crate::negcache::{Lookup, WriteTicket};
+use crate::outcome::{Completion, Ending};
 use crate::reply::{self, Reply};
 
 use super::abi::{self, Headers};

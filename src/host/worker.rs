@@ -11,7 +11,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::election::Election;
 use crate::fingerprint::{init_seed, read_seed};
-use crate::guard::{Guard, Tally};
+use crate::guard::{negative_cache, Guard, Tally};
 use crate::keytable::OccupancyScan;
 use crate::limiter::Limiter;
 use crate::negcache::NegCache;
@@ -81,7 +81,7 @@ impl Worker {
         // Envoy configures the main thread's VM before any worker's, so the first
         // configure creates the seed and every worker adopts it.
         let seed = init_seed(&store, rng.next_u64());
-        let mut cache = NegCache::from_config(&config, seed, rng.next_u64());
+        let mut cache = negative_cache(&config, seed, rng.next_u64());
         // Allocate the whole table now: its memory is fixed from start-up, and
         // creating a shard that already exists is a no-op.
         let _ = cache.table_mut().create_all(&store);
@@ -130,7 +130,7 @@ impl Worker {
             || config.cas_attempts != self.config.cas_attempts
         {
             self.seed = init_seed(&HostStore, self.rng.next_u64());
-            self.cache = NegCache::from_config(&config, self.seed, self.rng.next_u64());
+            self.cache = negative_cache(&config, self.seed, self.rng.next_u64());
             let _ = self.cache.table_mut().create_all(&HostStore);
         }
         self.config = config;
@@ -152,7 +152,7 @@ impl Worker {
         if let Some(stored) = read_seed(store) {
             if stored != self.seed {
                 self.seed = stored;
-                self.cache = NegCache::from_config(&self.config, stored, self.rng.next_u64());
+                self.cache = negative_cache(&self.config, stored, self.rng.next_u64());
             }
         }
     }

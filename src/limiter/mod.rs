@@ -123,121 +123,15 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use serde::Deserialize;
+pub mod config;
+
+pub use config::{AdaptiveConfig, ConcurrencyConfig, LimitMode};
 
 use crate::classify::Criticality;
-use crate::config::{check_range, check_unit, field, ConfigError};
-use crate::gradient::{self, Controller, Lane, Windows};
+use crate::gradient::{self, Controller, Windows};
+use crate::outcome::Completion;
 use crate::shared::{update, SetError, SharedStore};
 use crate::wire::{f64_to_u32, put_u32_at, put_u64_at, u32_at, u64_at};
-
-/// How the concurrency limit is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LimitMode {
-    /// `limit` is the limit.
-    Fixed,
-    /// A gradient controller moves the limit between `min_limit` and `max_limit`,
-    /// starting from `limit`.
-    Adaptive,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConcurrencyConfig {
-    pub enabled: bool,
-    /// false = shadow mode: count what would be shed, shed nothing.
-    pub enforce: bool,
-    pub mode: LimitMode,
-    /// Fixed limit, or the starting point of the adaptive one.
-    pub limit: u32,
-    pub min_limit: u32,
-    pub max_limit: u32,
-    /// Share of the limit that sheddable requests may occupy, so critical ones always find room.
-    pub sheddable_share: f64,
-    pub adaptive: AdaptiveConfig,
-}
-
-impl Default for ConcurrencyConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            enforce: true,
-            mode: LimitMode::Adaptive,
-            limit: 256,
-            min_limit: 16,
-            max_limit: 2048,
-            sheddable_share: 0.8,
-            adaptive: AdaptiveConfig::default(),
-        }
-    }
-}
-
-impl ConcurrencyConfig {
-    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
-        check_range(&field(section, "min_limit"), self.min_limit, 1, 1_000_000)?;
-        check_range(
-            &field(section, "max_limit"),
-            self.max_limit,
-            self.min_limit,
-            1_000_000,
-        )?;
-        check_range(
-            &field(section, "limit"),
-            self.limit,
-            self.min_limit,
-            self.max_limit,
-        )?;
-        check_unit(
-            &field(section, "sheddable_share"),
-            self.sheddable_share,
-            0.0,
-            1.0,
-        )?;
-        self.adaptive.validate(&field(section, "adaptive"))
-    }
-}
-
-/// Gradient controller settings (see the gradient module).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdaptiveConfig {
-    /// How often the elected worker recomputes the limit.
-    pub interval_ms: u64,
-    /// Pin the minimum RTT instead of learning it from traffic.
-    pub pinned_min_rtt_ms: Option<f64>,
-    /// Sample RTT may exceed the minimum RTT by this factor before the limit shrinks.
-    pub tolerance: f64,
-    /// Weight of the new value in the exponential smoothing of the limit.
-    pub smoothing: f64,
-}
-
-impl Default for AdaptiveConfig {
-    fn default() -> Self {
-        Self {
-            interval_ms: 1000,
-            pinned_min_rtt_ms: None,
-            tolerance: 2.0,
-            smoothing: 0.2,
-        }
-    }
-}
-
-impl AdaptiveConfig {
-    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
-        check_range(
-            &field(section, "interval_ms"),
-            self.interval_ms,
-            100,
-            60_000,
-        )?;
-        if let Some(ms) = self.pinned_min_rtt_ms {
-            check_unit(&field(section, "pinned_min_rtt_ms"), ms, 0.001, 60_000.0)?;
-        }
-        check_unit(&field(section, "tolerance"), self.tolerance, 1.0, 100.0)?;
-        check_unit(&field(section, "smoothing"), self.smoothing, 0.01, 1.0)
-    }
-}
 
 /// The shared key holding the in-flight table (layout in the module docs).
 pub const INFLIGHT_KEY: &str = "sg.v1.inflight";
@@ -306,63 +200,6 @@ impl InFlight {
         *c = c.saturating_add(1);
         self
     }
-}
-
-/// How a request ended, as the host saw it in `on_log` (or on drop of the context).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// The upstream answered with this status.
-    Response(u32),
-    /// The upstream did not answer in time (route or per-try timeout).
-    UpstreamTimeout,
-    /// The upstream connection failed or was reset before a complete response.
-    UpstreamReset,
-    /// The client went away first: says nothing about the upstream.
-    DownstreamReset,
-    /// Answered at the proxy (shed, negative-cache hit): the upstream was not asked.
-    LocalReply,
-    /// The upstream answered, but its status was not read: a read of a key known to
-    /// exist that was not timed needs none (see `crate::clock`); the timed ones stand
-    /// for it in admission control.
-    Unread,
-}
-
-impl Ending {
-    /// Whether the upstream succeeded, for admission control: `Some(true)` for any
-    /// status below 500 (a 404 is the store working), `Some(false)` for 5xx, resets and
-    /// timeouts, `None` when the upstream's health is not what ended the request.
-    pub fn upstream_success(self) -> Option<bool> {
-        match self {
-            Ending::Response(status) => Some(status < 500),
-            Ending::UpstreamTimeout | Ending::UpstreamReset => Some(false),
-            Ending::DownstreamReset | Ending::LocalReply | Ending::Unread => None,
-        }
-    }
-
-    /// Whether the request's duration measures the upstream's latency: real answers
-    /// and timeouts do; fast failures, resets and local replies would drag the RTT
-    /// down and the limit up, so they do not.
-    pub fn is_latency_sample(self) -> bool {
-        match self {
-            Ending::Response(status) => status < 500 || status == 504,
-            Ending::UpstreamTimeout => true,
-            Ending::UpstreamReset
-            | Ending::DownstreamReset
-            | Ending::LocalReply
-            | Ending::Unread => false,
-        }
-    }
-}
-
-/// What the host knows when a request ends.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Completion {
-    /// Time from admission to the end of the upstream response, in ms, if known.
-    /// NaN, infinite and negative values are ignored.
-    pub rtt_ms: Option<f64>,
-    pub ending: Ending,
-    /// Whose latency the RTT is: reads and writes are judged apart.
-    pub lane: Lane,
 }
 
 /// One admitted request's in-flight slot. Give it back with [`Limiter::release`].
@@ -1206,6 +1043,8 @@ pub fn read_in_flight<S: SharedStore + ?Sized>(store: &S) -> Option<InFlight> {
 mod tests {
     use super::*;
     use crate::election::Election;
+    use crate::gradient::Lane;
+    use crate::outcome::Ending;
     use crate::shared::MemStore;
     use std::cell::Cell;
     use std::rc::Rc;

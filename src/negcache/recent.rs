@@ -15,7 +15,7 @@
 //!
 //! Fixed size, direct-mapped: a newer key takes the slot of an older one.
 
-use crate::negcache::Lookup;
+use super::Lookup;
 
 /// Slots of the table (a power of two).
 const SLOTS: usize = 1024;

@@ -9,7 +9,7 @@
 //!
 //! | request  | at request start                           | at response / ending                                  |
 //! |----------|--------------------------------------------|-------------------------------------------------------|
-//! | GET      | [`lookup`](NegCache::lookup): 1 get (0 when this worker's recent Exists read is reused, [`crate::recent`]); Missing → answer 404 locally | 404: [`insert_missing`](NegCache::insert_missing)(generation from the lookup); 200: [`mark_exists`](NegCache::mark_exists) (0 hostcalls if already known) |
+//! | GET      | [`lookup`](NegCache::lookup): 1 get (0 when this worker's recent Exists read is reused, `negcache/recent.rs`); Missing → answer 404 locally | 404: [`insert_missing`](NegCache::insert_missing)(generation from the lookup); 200: [`mark_exists`](NegCache::mark_exists) (0 hostcalls if already known) |
 //! | POST     | [`begin_write`](NegCache::begin_write)      | [`end_write`](NegCache::end_write)(2xx?) on *every* ending (reset and timeout included) |
 //! | DELETE   | [`begin_write`](NegCache::begin_write) (keep the ticket) | [`end_delete`](NegCache::end_delete)(ticket, 2xx?)  |
 //!
@@ -67,11 +67,14 @@
 
 use serde::Deserialize;
 
-use crate::config::{check_range, field, Config, ConfigError};
+use crate::config::check::{check_range, field, ConfigError};
 use crate::fingerprint::Fingerprinter;
 use crate::keytable::{Commit, KeyTable, KeyTableConfig, Origin, SlotState, TableStats};
-use crate::recent::RecentKnown;
+mod recent;
+
 use crate::shared::SharedStore;
+use crate::singleflight::SingleFlightConfig;
+use recent::RecentKnown;
 
 pub use crate::keytable::Generation;
 
@@ -101,33 +104,6 @@ impl NegativeCacheConfig {
         check_range(&field(section, "ttl_ms"), self.ttl_ms, 1, 86_400_000)?;
         self.single_flight
             .validate(&field(section, "single_flight"))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SingleFlightConfig {
-    pub enabled: bool,
-    /// Requests that may wait on one in-flight lookup; more go upstream.
-    pub max_waiters: u32,
-    /// Longest a waiter is held before it goes upstream itself.
-    pub max_wait_ms: u64,
-}
-
-impl Default for SingleFlightConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_waiters: 64,
-            max_wait_ms: 1000,
-        }
-    }
-}
-
-impl SingleFlightConfig {
-    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
-        check_range(&field(section, "max_waiters"), self.max_waiters, 0, 10_000)?;
-        check_range(&field(section, "max_wait_ms"), self.max_wait_ms, 1, 10_000)
     }
 }
 
@@ -195,7 +171,7 @@ pub struct CacheStats {
     pub hits: u64,
     /// Lookups that found the key known to exist.
     pub known: u64,
-    /// Of those, lookups that reused this worker's recent read ([`crate::recent`]).
+    /// Of those, lookups that reused this worker's recent read (`negcache/recent.rs`).
     pub reused: u64,
     /// Lookups that found nothing live.
     pub misses: u64,
@@ -274,18 +250,8 @@ impl NegCache {
         .with_local_reuse(table.local_reuse_ms)
     }
 
-    pub fn from_config(config: &Config, seed: u64, rng_seed: u64) -> Self {
-        Self::new(
-            &config.negative_cache,
-            &config.key_table,
-            config.cas_attempts,
-            seed,
-            rng_seed,
-        )
-    }
-
     /// Reuse this worker's reads of keys marked Exists for `max_age_ms` (see
-    /// [`crate::recent`]); [`Self::with_table`] builds a cache without reuse.
+    /// `negcache/recent.rs`); [`Self::with_table`] builds a cache without reuse.
     pub fn with_local_reuse(mut self, max_age_ms: u64) -> Self {
         self.recent = RecentKnown::new(max_age_ms);
         self
@@ -347,7 +313,7 @@ impl NegCache {
     }
 
     /// What the table says about `fp`: one shared-data get, or none when this worker
-    /// read the key marked Exists within its reuse window ([`crate::recent`]). Keep the
+    /// read the key marked Exists within its reuse window (`negcache/recent.rs`). Keep the
     /// result: its generation conditions the fill when the response arrives.
     pub fn lookup<S: SharedStore + ?Sized>(&mut self, store: &S, fp: u64, now_ms: u64) -> Lookup {
         let reused = self
@@ -648,7 +614,13 @@ mod tests {
 
     #[test]
     fn default_config_builds_the_documented_table() {
-        let c = NegCache::from_config(&Config::default(), 1, 2);
+        let c = NegCache::new(
+            &NegativeCacheConfig::default(),
+            &KeyTableConfig::default(),
+            16,
+            1,
+            2,
+        );
         assert_eq!(c.table().layout().slots(), 65_536);
         assert_eq!(c.table().layout().total_bytes(), 1_122_304);
     }
@@ -682,7 +654,13 @@ mod tests {
     #[test]
     fn the_default_configuration_reuses_for_100_ms() {
         let s = MemStore::new();
-        let mut c = NegCache::from_config(&Config::default(), 1, 2);
+        let mut c = NegCache::new(
+            &NegativeCacheConfig::default(),
+            &KeyTableConfig::default(),
+            16,
+            1,
+            2,
+        );
         let fp = known(&mut c, &s, b"k", 0);
         c.lookup(&s, fp, 0);
         let reads = s.reads();
