@@ -1,0 +1,122 @@
+//! The gradient step: pure arithmetic on a [`GradientState`], no store.
+
+use super::*;
+use crate::limiter::config::{ConcurrencyConfig, LimitMode};
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The interval has not elapsed since the last step.
+    NotDue,
+    /// Too few samples in the window; it keeps accumulating.
+    TooFewSamples,
+    /// The window was evaluated and the limit recomputed.
+    Updated,
+}
+
+/// The controller: configuration only; the state lives in shared data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Controller {
+    pub(super) adaptive: bool,
+    pub(super) start_limit: f64,
+    pub(super) min_limit: f64,
+    pub(super) max_limit: f64,
+    pub(super) interval_ms: u64,
+    pub(super) pinned_ms: Option<f64>,
+    pub(super) tolerance: f64,
+    pub(super) smoothing: f64,
+}
+
+impl Controller {
+    pub fn new(cfg: &ConcurrencyConfig) -> Self {
+        let min_limit = f64::from(cfg.min_limit.max(1));
+        let max_limit = f64::from(cfg.max_limit).max(min_limit);
+        let finite_or = |v: f64, d: f64| if v.is_finite() { v } else { d };
+        Self {
+            adaptive: cfg.mode == LimitMode::Adaptive,
+            start_limit: f64::from(cfg.limit).clamp(min_limit, max_limit),
+            min_limit,
+            max_limit,
+            interval_ms: cfg.adaptive.interval_ms.max(1),
+            pinned_ms: cfg
+                .adaptive
+                .pinned_min_rtt_ms
+                .filter(|v| v.is_finite() && *v > 0.0),
+            tolerance: finite_or(cfg.adaptive.tolerance, 2.0).max(1.0),
+            smoothing: finite_or(cfg.adaptive.smoothing, 0.2).clamp(0.0, 1.0),
+        }
+    }
+
+    pub fn initial_state(&self) -> GradientState {
+        GradientState::initial(self.start_limit)
+    }
+
+    pub fn interval_ms(&self) -> u64 {
+        self.interval_ms
+    }
+
+    /// The limit workers enforce for a shared state: the configured one in fixed mode,
+    /// else the state's limit rounded down and clamped to this configuration.
+    pub fn limit_of(&self, state: &GradientState) -> u32 {
+        if !self.adaptive || !state.limit.is_finite() {
+            return f64_to_u32(self.start_limit);
+        }
+        f64_to_u32(state.limit.clamp(self.min_limit, self.max_limit))
+    }
+
+    /// True when a step is due at `now_ms`. A clock that went backwards makes it due.
+    pub fn is_due(&self, state: &GradientState, now_ms: u64) -> bool {
+        now_ms < state.last_step_ms || now_ms - state.last_step_ms >= self.interval_ms
+    }
+
+    /// The leader's periodic step: evaluate each lane's window, move the limit, start
+    /// new windows. The lane with the lowest gradient decides (a queue in front of
+    /// the store inflates every lane; one lane's own latency does not). A lane with
+    /// too few samples keeps accumulating. In fixed mode it still measures (for the
+    /// gauges) but holds the limit.
+    pub fn step(&self, state: &mut GradientState, now_ms: u64) -> Step {
+        if !self.is_due(state, now_ms) {
+            return Step::NotDue;
+        }
+        state.last_step_ms = now_ms;
+        let mut decided: Option<(f64, usize)> = None;
+        for (i, lane) in state.lanes.iter_mut().enumerate() {
+            if let Some(raw) = lane.evaluate(self) {
+                if decided.is_none_or(|(r, _)| raw < r) {
+                    decided = Some((raw, i));
+                }
+            }
+        }
+        let Some((raw, lane)) = decided else {
+            return Step::TooFewSamples;
+        };
+        let limit = if state.limit.is_finite() {
+            state.limit.clamp(self.min_limit, self.max_limit)
+        } else {
+            self.start_limit
+        };
+        let utilised = f64::from(state.peak_in_flight) >= limit * 0.5;
+        let proposal = if raw < 1.0 {
+            (limit * raw.max(GRADIENT_MIN) + limit.sqrt()).min(limit)
+        } else if utilised {
+            limit * raw.min(GRADIENT_MAX) + limit.sqrt()
+        } else {
+            limit
+        };
+        let smoothed = limit * (1.0 - self.smoothing) + proposal * self.smoothing;
+        state.limit = if !self.adaptive {
+            self.start_limit
+        } else if smoothed.is_finite() {
+            smoothed.clamp(self.min_limit, self.max_limit)
+        } else {
+            limit
+        };
+        if let Some(l) = state.lanes.get(lane) {
+            state.baseline_ms = l.baseline_ms;
+            state.sample_ms = l.sample_ms;
+        }
+        state.gradient = raw.clamp(GRADIENT_MIN, GRADIENT_MAX);
+        state.peak_in_flight = 0;
+        Step::Updated
+    }
+}

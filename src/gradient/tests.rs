@@ -1,0 +1,386 @@
+use super::*;
+use crate::limiter::config::{AdaptiveConfig, ConcurrencyConfig, LimitMode};
+use crate::shared::MemStore;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+fn cfg(limit: u32, min: u32, max: u32) -> ConcurrencyConfig {
+    ConcurrencyConfig {
+        limit,
+        min_limit: min,
+        max_limit: max,
+        ..ConcurrencyConfig::default()
+    }
+}
+
+/// `n` samples spread ±20% around `median_ms`.
+fn spread(median_ms: f64, n: u32) -> RttHistogram {
+    let mut h = RttHistogram::new();
+    for i in 0..n {
+        let spread = 0.8 + 0.4 * f64::from(i) / f64::from(n.max(2) - 1);
+        h.record(median_ms * spread);
+    }
+    h
+}
+
+/// Windows with `h` as reads, no writes.
+fn reads(h: RttHistogram) -> Windows {
+    [h, RttHistogram::new()]
+}
+
+/// A window of `n` reads spread ±20% around `median_ms`.
+fn window(median_ms: f64, n: u32) -> Windows {
+    reads(spread(median_ms, n))
+}
+
+/// Runs one interval: the window's samples and the peak in-flight seen.
+fn run(ctl: &Controller, st: &mut GradientState, t: &mut u64, rtt: f64, peak: u32) -> Step {
+    st.merge(&window(rtt, 200), peak);
+    *t += ctl.interval_ms();
+    ctl.step(st, *t)
+}
+
+#[test]
+fn histogram_percentiles_are_close() {
+    let mut h = RttHistogram::new();
+    for i in 1..=1000 {
+        h.record(f64::from(i) * 0.1); // 0.1 .. 100 ms, uniform
+    }
+    let p50 = h.percentile(0.5).unwrap();
+    let p10 = h.percentile(0.1).unwrap();
+    assert!((p50 / 50.0 - 1.0).abs() < 0.13, "{p50}");
+    assert!((p10 / 10.0 - 1.0).abs() < 0.13, "{p10}");
+    assert!(h.percentile(1.0).unwrap() >= 90.0);
+    assert_eq!(RttHistogram::new().percentile(0.5), None);
+}
+
+#[test]
+fn nan_inf_negative_and_zero_rtts_are_safe() {
+    let mut h = RttHistogram::new();
+    assert!(!h.record(f64::NAN));
+    assert!(!h.record(f64::INFINITY));
+    assert!(!h.record(f64::NEG_INFINITY));
+    assert!(!h.record(-1.0));
+    assert!(h.is_empty());
+    assert!(h.record(0.0));
+    assert!(h.record(1e300));
+    assert!(h.record(f64::MIN_POSITIVE));
+    assert_eq!(h.total(), 3);
+    let p = h.percentile(0.5).unwrap();
+    assert!(p.is_finite() && p > 0.0);
+    assert!(h.percentile(f64::NAN).unwrap().is_finite());
+
+    // A controller fed only zero RTTs keeps a finite limit within bounds.
+    let ctl = Controller::new(&cfg(100, 10, 1000));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    for _ in 0..50 {
+        let mut zeros = RttHistogram::new();
+        for _ in 0..100 {
+            zeros.record(0.0);
+        }
+        st.merge(&reads(zeros), 100);
+        t += 1000;
+        ctl.step(&mut st, t);
+        assert!(st.limit.is_finite() && (10.0..=1000.0).contains(&st.limit));
+    }
+}
+
+#[test]
+fn histogram_saturates_instead_of_overflowing() {
+    let mut a = RttHistogram::new();
+    a.counts[5] = u32::MAX - 1;
+    a.recount();
+    a.record(RttHistogram::lower_edge(5) * 1.01);
+    a.record(RttHistogram::lower_edge(5) * 1.01);
+    assert_eq!(a.counts[5], u32::MAX);
+    let b = a.clone();
+    a.merge(&b);
+    assert_eq!(a.counts[5], u32::MAX);
+}
+
+#[test]
+fn state_roundtrips_and_garbage_decodes_as_none() {
+    let ctl = Controller::new(&cfg(100, 10, 1000));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    run(&ctl, &mut st, &mut t, 5.0, 80);
+    st.merge(&window(7.0, 30), 12);
+    let bytes = st.encode();
+    assert_eq!(bytes.len(), STATE_LEN);
+    let back = GradientState::decode(&bytes).unwrap();
+    assert_eq!(back.limit, st.limit);
+    assert_eq!(back.encode(), bytes, "NaNs and all");
+    assert_eq!(back.peak_in_flight, 12);
+    assert_eq!(GradientState::decode(&bytes[..bytes.len() - 1]), None);
+    assert_eq!(GradientState::decode(b"garbage"), None);
+    let mut wrong_magic = bytes.clone();
+    wrong_magic[0] = b'X';
+    assert_eq!(GradientState::decode(&wrong_magic), None);
+    // NaN limit and out-of-range ring position are repaired, not trusted.
+    let mut nan = bytes.clone();
+    nan[4..12].copy_from_slice(&f64::NAN.to_le_bytes());
+    // Lane 0 starts at byte 48: baseline, sample, then its ring position.
+    nan[64..68].copy_from_slice(&u32::MAX.to_le_bytes());
+    let repaired = GradientState::decode(&nan).unwrap();
+    assert_eq!(repaired.lanes[0].ring_pos, 0);
+    assert_eq!(ctl.limit_of(&repaired), 100);
+    let mut st2 = repaired;
+    run(&ctl, &mut st2, &mut t, 5.0, 80);
+    assert!(st2.limit.is_finite());
+}
+
+#[test]
+fn steady_latency_never_cuts_the_limit_below_offered_concurrency() {
+    // Offered concurrency 150 with a wide but stable latency spread.
+    let ctl = Controller::new(&cfg(200, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    for i in 0..500 {
+        // Wide spread: fast 404s and slow reads, p90/p10 ≈ 10.
+        let mut h = RttHistogram::new();
+        for j in 0..200 {
+            h.record(if j % 3 == 0 { 20.0 } else { 2.0 } * (1.0 + f64::from(j % 7) / 10.0));
+        }
+        let peak = 150.min(ctl.limit_of(&st));
+        st.merge(&reads(h), peak);
+        t += 1000;
+        ctl.step(&mut st, t);
+        assert!(ctl.limit_of(&st) >= 150, "window {i}: limit {}", st.limit);
+    }
+    // It settled at about twice the offered concurrency, not at max_limit.
+    assert!(ctl.limit_of(&st) <= 400, "{}", st.limit);
+}
+
+#[test]
+fn idle_limit_does_not_drift_up() {
+    let ctl = Controller::new(&cfg(100, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    for _ in 0..200 {
+        run(&ctl, &mut st, &mut t, 3.0, 10);
+    }
+    assert_eq!(ctl.limit_of(&st), 100);
+}
+
+#[test]
+fn latency_step_5x_cuts_the_limit_then_it_recovers() {
+    let ctl = Controller::new(&cfg(256, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    // Offered concurrency follows Little's law: 50 requests/ms-ish of load.
+    let offered = |rtt: f64| (40.0 * rtt) as u32;
+    for _ in 0..30 {
+        let peak = offered(4.0).min(ctl.limit_of(&st));
+        run(&ctl, &mut st, &mut t, 4.0, peak);
+    }
+    let before = ctl.limit_of(&st);
+    assert!(before >= 160, "{before}");
+    let mut low = before;
+    for _ in 0..30 {
+        let peak = offered(20.0).min(ctl.limit_of(&st));
+        run(&ctl, &mut st, &mut t, 20.0, peak);
+        low = low.min(ctl.limit_of(&st));
+    }
+    assert!(low <= before / 4, "limit only fell to {low} from {before}");
+    assert!(low >= 16);
+    // The baseline was not dragged up by 30 windows of overload.
+    assert!(st.baseline_ms < 5.0, "{}", st.baseline_ms);
+    let mut recovered_at = None;
+    for i in 0..60 {
+        let peak = offered(4.0).min(ctl.limit_of(&st));
+        run(&ctl, &mut st, &mut t, 4.0, peak);
+        if recovered_at.is_none() && ctl.limit_of(&st) >= offered(4.0) {
+            recovered_at = Some(i);
+        }
+    }
+    let at = recovered_at.expect("limit recovered");
+    assert!(at <= 30, "recovery took {at} windows");
+}
+
+#[test]
+fn permanent_latency_increase_is_eventually_accepted() {
+    let ctl = Controller::new(&cfg(256, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    for _ in 0..20 {
+        run(&ctl, &mut st, &mut t, 4.0, 100);
+    }
+    for _ in 0..400 {
+        let peak = ctl.limit_of(&st);
+        run(&ctl, &mut st, &mut t, 20.0, peak);
+    }
+    assert!(st.baseline_ms > 15.0, "{}", st.baseline_ms);
+    assert!(ctl.limit_of(&st) >= 256, "{}", st.limit);
+}
+
+#[test]
+fn bounds_hold_under_any_latency_sequence() {
+    let ctl = Controller::new(&cfg(50, 20, 80));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    let rtts = [1.0, 100.0, 0.0, 1e9, 3.0, 0.01, 50.0];
+    for i in 0..300 {
+        run(&ctl, &mut st, &mut t, rtts[i % rtts.len()], 1000);
+        let l = ctl.limit_of(&st);
+        assert!((20..=80).contains(&l), "{l}");
+    }
+}
+
+#[test]
+fn pinned_min_rtt_is_used_and_fixed_mode_holds_the_limit() {
+    let mut c = cfg(100, 10, 1000);
+    c.adaptive = AdaptiveConfig {
+        pinned_min_rtt_ms: Some(2.0),
+        ..AdaptiveConfig::default()
+    };
+    let ctl = Controller::new(&c);
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    for _ in 0..10 {
+        run(&ctl, &mut st, &mut t, 10.0, 100);
+    }
+    assert_eq!(st.baseline_ms, 2.0);
+    assert!(ctl.limit_of(&st) < 100);
+
+    c.mode = LimitMode::Fixed;
+    let fixed = Controller::new(&c);
+    let mut st = fixed.initial_state();
+    for _ in 0..10 {
+        run(&fixed, &mut st, &mut t, 10.0, 100);
+    }
+    assert_eq!(fixed.limit_of(&st), 100);
+    assert!(st.sample_ms > 8.0, "fixed mode still measures");
+}
+
+#[test]
+fn sparse_windows_accumulate_until_enough_samples() {
+    let ctl = Controller::new(&cfg(100, 10, 1000));
+    let mut st = ctl.initial_state();
+    st.merge(&window(5.0, 10), 90);
+    assert_eq!(ctl.step(&mut st, 1000), Step::TooFewSamples);
+    assert_eq!(ctl.step(&mut st, 1500), Step::NotDue);
+    st.merge(&window(5.0, 10), 90);
+    assert_eq!(ctl.step(&mut st, 2000), Step::Updated);
+    assert!(st.lanes[0].window.is_empty());
+    // A clock that jumps backwards makes a step due instead of stalling.
+    st.merge(&window(5.0, 30), 90);
+    assert_eq!(ctl.step(&mut st, 10), Step::Updated);
+}
+
+#[test]
+fn sync_merges_workers_and_only_the_leader_steps() {
+    let store = MemStore::new();
+    let ctl = Controller::new(&cfg(100, 10, 1000));
+    let w = window(5.0, 15);
+    let p = sync(&store, 8, &ctl, &w, 60, false, 1000).unwrap();
+    assert_eq!(p.limit, 100);
+    assert!(!p.stepped);
+    let p = sync(&store, 8, &ctl, &w, 70, false, 1000).unwrap();
+    assert!(!p.stepped);
+    let (bytes, _) = store.get(GRADIENT_KEY).unwrap();
+    let st = GradientState::decode(&bytes).unwrap();
+    assert_eq!(st.pending_samples(), 30);
+    assert_eq!(st.peak_in_flight, 70);
+    // A reader with nothing to merge does not write.
+    let writes = store.writes();
+    sync(&store, 8, &ctl, &Windows::default(), 0, false, 1500).unwrap();
+    assert_eq!(store.writes(), writes);
+    // The leader steps once per interval, whoever else also claims to lead.
+    let empty = Windows::default();
+    assert!(
+        sync(&store, 8, &ctl, &empty, 0, true, 2000)
+            .unwrap()
+            .stepped
+    );
+    assert!(
+        !sync(&store, 8, &ctl, &empty, 0, true, 2000)
+            .unwrap()
+            .stepped
+    );
+    let st = GradientState::decode(&store.get(GRADIENT_KEY).unwrap().0).unwrap();
+    assert_eq!(st.pending_samples(), 0);
+    assert!((st.sample_ms / 5.0 - 1.0).abs() < 0.15);
+}
+
+#[test]
+fn sync_overwrites_garbage_and_reports_contention() {
+    let store = MemStore::new();
+    let ctl = Controller::new(&cfg(100, 10, 1000));
+    store
+        .set(GRADIENT_KEY, b"\x01\x02old version", None)
+        .unwrap();
+    let p = sync(&store, 4, &ctl, &Windows::default(), 0, false, 0).unwrap();
+    assert_eq!(p.limit, 100);
+    assert!(GradientState::decode(&store.get(GRADIENT_KEY).unwrap().0).is_some());
+    store.set_interference(|_| true);
+    let r = sync(&store, 4, &ctl, &window(3.0, 5), 1, false, 0);
+    assert_eq!(r, Err(UpdateError::Contended));
+}
+
+/// Runs `windows` intervals of reads at `read_ms` and writes at `write_ms` (0 =
+/// none of that kind) with the limit fully used; returns the final limit.
+fn lanes(
+    ctl: &Controller,
+    st: &mut GradientState,
+    t: &mut u64,
+    n: u32,
+    read_ms: f64,
+    write_ms: f64,
+) -> u32 {
+    for _ in 0..n {
+        let w = [
+            if read_ms > 0.0 {
+                spread(read_ms, 200)
+            } else {
+                RttHistogram::new()
+            },
+            if write_ms > 0.0 {
+                spread(write_ms, 50)
+            } else {
+                RttHistogram::new()
+            },
+        ];
+        st.merge(&w, ctl.limit_of(st));
+        *t += ctl.interval_ms();
+        ctl.step(st, *t);
+    }
+    ctl.limit_of(st)
+}
+
+#[test]
+fn fast_writes_do_not_set_the_bar_for_slow_reads() {
+    // Kask in front of a store whose reads take ~1 s and writes ~0.3 ms: a prefill
+    // of writes comes first, then reads join at their own, stable latency.
+    let ctl = Controller::new(&cfg(256, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    lanes(&ctl, &mut st, &mut t, 20, 0.0, 0.3);
+    let limit = lanes(&ctl, &mut st, &mut t, 60, 950.0, 0.3);
+    assert!(limit >= 256, "stable slow reads cut the limit to {limit}");
+    // Both lanes learned their own baseline.
+    assert!(st.lanes[0].baseline_ms > 500.0 && st.lanes[1].baseline_ms < 1.0);
+}
+
+#[test]
+fn a_queue_inflates_every_lane_and_the_limit_falls() {
+    let ctl = Controller::new(&cfg(256, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    let before = lanes(&ctl, &mut st, &mut t, 20, 5.0, 1.0);
+    // A queue in front of the store adds 20 ms to everything.
+    let after = lanes(&ctl, &mut st, &mut t, 10, 25.0, 21.0);
+    assert!(after < before / 2, "{before} -> {after}");
+}
+
+#[test]
+fn one_slow_lane_is_enough_to_shrink() {
+    // Writes inflate 10x (a write path in trouble); reads are fine. The lane
+    // with the lowest gradient decides.
+    let ctl = Controller::new(&cfg(256, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    let before = lanes(&ctl, &mut st, &mut t, 20, 5.0, 1.0);
+    let after = lanes(&ctl, &mut st, &mut t, 10, 5.0, 10.0);
+    assert!(after < before, "{before} -> {after}");
+}
