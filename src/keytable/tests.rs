@@ -342,16 +342,20 @@ fn overwrite_clears_missing_and_jumps_every_generation() {
         };
         put(&mut t, &s, fp, state, 1000, 0);
     }
-    let before: Vec<Option<u32>> = (0..2)
-        .flat_map(|sh| (0..4).map(move |b| (sh, b)))
-        .map(|(sh, b)| {
-            let probe_fp = fps
-                .iter()
-                .copied()
-                .find(|&fp| t.layout().locate(fp) == (sh, b));
-            probe_fp.and_then(|fp| t.probe(&s, fp, 0).generation.get())
-        })
-        .collect();
+    // The generation of every bucket that holds one of `fps`.
+    let generations = |t: &KeyTable| -> Vec<Option<u32>> {
+        (0..2)
+            .flat_map(|sh| (0..4).map(move |b| (sh, b)))
+            .map(|(sh, b)| {
+                let probe_fp = fps
+                    .iter()
+                    .copied()
+                    .find(|&fp| t.layout().locate(fp) == (sh, b));
+                probe_fp.and_then(|fp| t.probe(&s, fp, 0).generation.get())
+            })
+            .collect()
+    };
+    let before = generations(&t);
     let out = t.overwrite(&s, 0, 0, |v| {
         // A change that tries to sneak a Missing in: it is cleared anyway.
         v.bucket(0).put(12345, SlotState::Missing, 1000);
@@ -363,16 +367,7 @@ fn overwrite_clears_missing_and_jumps_every_generation() {
     let occ = t.scan_shard(&s, 0, 0);
     assert_eq!(occ.missing, 0);
     assert!(occ.exists > 0);
-    let after: Vec<Option<u32>> = (0..2)
-        .flat_map(|sh| (0..4).map(move |b| (sh, b)))
-        .map(|(sh, b)| {
-            let probe_fp = fps
-                .iter()
-                .copied()
-                .find(|&fp| t.layout().locate(fp) == (sh, b));
-            probe_fp.and_then(|fp| t.probe(&s, fp, 0).generation.get())
-        })
-        .collect();
+    let after = generations(&t);
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         let (Some(b), Some(a)) = (b, a) else { continue };
         let d = a.wrapping_sub(*b);

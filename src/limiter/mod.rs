@@ -450,10 +450,7 @@ impl Limiter {
         let mut last_fit = Err(Bound::Concurrency);
         let mut full = false;
         for _ in 0..self.attempts {
-            let (mut buf, cas) = match store.get(INFLIGHT_KEY) {
-                Some((bytes, cas)) => (bytes, Some(cas)),
-                None => (Vec::new(), None),
-            };
+            let (mut buf, cas) = table::fetch(store);
             let scanned = scan(&buf, self.id);
             let others = scanned.map(|s| s.others).unwrap_or_default();
             self.seen(others, scanned.map_or(0, |s| s.slots));

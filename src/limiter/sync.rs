@@ -2,7 +2,8 @@
 //! the in-place CAS loop, the tick (controller step, stale slots, reserve decay).
 
 use super::table::{
-    push_slot, scan, write_mine, InFlight, HEADER_LEN, INFLIGHT_KEY, MAGIC, MAX_SLOTS, SLOT_LEN,
+    fetch, push_slot, scan, write_mine, InFlight, HEADER_LEN, INFLIGHT_KEY, MAGIC, MAX_SLOTS,
+    SLOT_LEN,
 };
 use super::Limiter;
 use crate::gradient::{self, Windows};
@@ -37,10 +38,7 @@ impl Limiter {
     ) -> Sync {
         let mut full = false;
         for _ in 0..self.attempts {
-            let (mut buf, cas) = match store.get(INFLIGHT_KEY) {
-                Some((bytes, cas)) => (bytes, Some(cas)),
-                None => (Vec::new(), None),
-            };
+            let (mut buf, cas) = fetch(store);
             let scanned = scan(&buf, self.id);
             if let Some(s) = scanned {
                 self.seen(s.others, s.slots);

@@ -149,6 +149,14 @@ pub(super) fn write_mine(
     }
 }
 
+/// The table's bytes and CAS token; empty and `None` when absent.
+pub(super) fn fetch<S: SharedStore + ?Sized>(store: &S) -> (Vec<u8>, Option<u32>) {
+    match store.get(INFLIGHT_KEY) {
+        Some((bytes, cas)) => (bytes, Some(cas)),
+        None => (Vec::new(), None),
+    }
+}
+
 /// Global in-flight as the table shows it (sum of all slots), or `None` if the value
 /// is absent or undecodable. For tests and debugging endpoints.
 pub fn read_in_flight<S: SharedStore + ?Sized>(store: &S) -> Option<InFlight> {
