@@ -291,11 +291,6 @@ impl SingleFlight {
     pub fn stats(&self) -> FlightStats {
         self.stats
     }
-
-    /// Counters since the previous call.
-    pub fn take_stats(&mut self) -> FlightStats {
-        std::mem::take(&mut self.stats)
-    }
 }
 
 #[cfg(test)]
@@ -425,8 +420,7 @@ mod tests {
         assert!(!s.cancel(5, 2));
         assert_eq!(s.waiters(), 1);
         assert_eq!(s.complete(1, 1, true), vec![3]);
-        assert_eq!(s.take_stats().cancelled, 1);
-        assert_eq!(s.stats(), FlightStats::default());
+        assert_eq!(s.stats().cancelled, 1);
     }
 
     #[cfg(not(target_arch = "wasm32"))]

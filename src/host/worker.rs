@@ -189,7 +189,7 @@ impl Worker {
         m.cache_misses.export(cache.misses);
         m.cache_inserts.export(cache.inserts);
         m.cache_invalidations.export(cache.invalidations);
-        m.cache_evictions.export(cache.evictions);
+        m.cache_evictions.export(cache.table.evictions);
         m.cache_stale_fills.export(cache.stale_fills);
         m.cache_coalesced.export(c.coalesced);
 
@@ -200,7 +200,7 @@ impl Worker {
                 + lim.cas_giveups_release
                 + lim.cas_giveups_tick
                 + adm.flush_giveups
-                + cache.contended,
+                + cache.table.contended,
         );
         m.in_flight.set(u64::from(lim.in_flight));
         m.limit.set(u64::from(lim.limit));

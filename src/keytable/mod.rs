@@ -271,10 +271,6 @@ impl KeyTable {
         self.stats
     }
 
-    pub(crate) fn stats_mut(&mut self) -> &mut TableStats {
-        &mut self.stats
-    }
-
     fn shard_key(&self, shard: u32) -> ShardKey {
         self.key_prefix.with_index(shard)
     }

@@ -187,18 +187,9 @@ pub struct CacheStats {
     pub failed_invalidations: u64,
     /// Exists marks written.
     pub exists_marks: u64,
-    /// From the table: live entries displaced by inserts.
-    pub evictions: u64,
-    /// From the table: blind overwrites after the CAS bound.
-    pub fallbacks: u64,
-    /// From the table: read-modify-writes that hit the CAS bound.
-    pub contended: u64,
-    /// From the table: writes refused by the host.
-    pub host_errors: u64,
-    /// From the table: shards created on first use.
-    pub created: u64,
-    /// From the table: undecodable shards rewritten.
-    pub rebuilt: u64,
+    /// The key table's own counters (evictions, fallbacks, contention, host errors,
+    /// created and rebuilt shards).
+    pub table: TableStats,
 }
 
 /// One worker's handle on the negative cache.
@@ -292,24 +283,10 @@ impl NegCache {
 
     /// Cumulative counters of this handle.
     pub fn stats(&self) -> CacheStats {
-        let t = self.table.stats();
         CacheStats {
-            evictions: t.evictions,
-            fallbacks: t.fallbacks,
-            contended: t.contended,
-            host_errors: t.host_errors,
-            created: t.created,
-            rebuilt: t.rebuilt,
+            table: self.table.stats(),
             ..self.stats
         }
-    }
-
-    /// Counters since the previous call (for counter metrics, which only take increments).
-    pub fn take_stats(&mut self) -> CacheStats {
-        let out = self.stats();
-        self.stats = CacheStats::default();
-        *self.table.stats_mut() = TableStats::default();
-        out
     }
 
     /// What the table says about `fp`: one shared-data get, or none when this worker

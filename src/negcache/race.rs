@@ -554,12 +554,12 @@ pub(crate) fn run(cfg: SimConfig) -> SimReport {
         r.invalidations += c.invalidations;
         r.failed_invalidations += c.failed_invalidations;
         r.exists_marks += c.exists_marks;
-        r.evictions += c.evictions;
-        r.fallbacks += c.fallbacks;
-        r.contended += c.contended;
-        r.host_errors += c.host_errors;
-        r.created += c.created;
-        r.rebuilt += c.rebuilt;
+        r.table.evictions += c.table.evictions;
+        r.table.fallbacks += c.table.fallbacks;
+        r.table.contended += c.table.contended;
+        r.table.host_errors += c.table.host_errors;
+        r.table.created += c.table.created;
+        r.table.rebuilt += c.table.rebuilt;
         report.flights.leaders += f.leaders;
         report.flights.coalesced += f.coalesced;
         report.flights.released += f.released;
@@ -727,17 +727,17 @@ fn check(requests: u64) {
         total.nested_steps += r.nested_steps;
         total.cached_404s += r.cached_404s;
         total.coalesced_404s += r.coalesced_404s;
-        total.cache.evictions += r.cache.evictions;
-        total.cache.fallbacks += r.cache.fallbacks;
-        total.cache.rebuilt += r.cache.rebuilt;
-        total.cache.created += r.cache.created;
+        total.cache.table.evictions += r.cache.table.evictions;
+        total.cache.table.fallbacks += r.cache.table.fallbacks;
+        total.cache.table.rebuilt += r.cache.table.rebuilt;
+        total.cache.table.created += r.cache.table.created;
     }
     // Every delicate path was exercised somewhere.
     assert!(total.coalesced_404s > 0);
-    assert!(total.cache.evictions > 0);
-    assert!(total.cache.fallbacks > 0);
-    assert!(total.cache.rebuilt > 0);
-    assert!(total.cache.created > 0);
+    assert!(total.cache.table.evictions > 0);
+    assert!(total.cache.table.fallbacks > 0);
+    assert!(total.cache.table.rebuilt > 0);
+    assert!(total.cache.table.created > 0);
     println!(
         "race total: {} requests, {} steps ({} nested), {} cached + {} coalesced 404s, \
          zero stale",
