@@ -1416,11 +1416,11 @@ def hot_path_notes(hc: dict | None, rows: dict[str, dict]) -> list[str]:
         "`:path`; one hostcall and one allocation callback where two single reads cost two of each), classified "
         "first so that requests that are not key operations stop there. The key-table `lookup` is one "
         "shared-data get of the key's shard, *unless this worker read that key marked Exists within "
-        "`key_table.local_reuse_ms`*: then it reuses that read (src/recent.rs; only fresh Exists reads are "
+        "`key_table.local_reuse_ms`*: then it reuses that read (src/negcache/recent.rs; only fresh Exists reads are "
         "reused, and this worker's own writes forget them, so the no-stale-404 guarantee holds; a key deleted "
         "through another worker is forwarded instead of answered from the cache for up to that window). Only "
         "every k-th request reads the clock (`src/clock.rs`); the others use the VM's last reading. The "
-        "limiter's acquire usually takes back a slot this VM released without writing (src/limiter.rs, "
+        "limiter's acquire usually takes back a slot this VM released without writing (src/limiter/, "
         "\"Deferred releases\"): no shared-data call.",
         "- `on_http_response_headers`: nothing for an untimed read of a key whose Exists mark is fresh: its "
         "status is not needed (no RTT sample, no mark to refresh; the timed reads stand for it in admission "

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import harness  # noqa: E402
 
-# Bytes per slot and per shard, from src/keytable.rs (SLOT_BYTES + bucket generation share,
+# Bytes per slot and per shard, from src/keytable/mod.rs (SLOT_BYTES + bucket generation share,
 # SHARD_HEADER_BYTES).
 def table_bytes(capacity: int, shard_slots: int) -> int:
     shards = capacity // shard_slots

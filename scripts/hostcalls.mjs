@@ -289,7 +289,7 @@ export const SHED_CONFIG = {
 const PATHS = [
   // name, config, what to send, how many requests before the one counted, check
   ["pass: GET of a known key (200)", PASS_CONFIG, { method: "GET", path: KNOWN, upstream: UP.get200 }, 3, (r) => r.status === 200 && !r.local],
-  // The same key with no reuse of this worker's recent reads (src/recent.rs): what a read of a key
+  // The same key with no reuse of this worker's recent reads (src/negcache/recent.rs): what a read of a key
   // this worker has not read in the last key_table.local_reuse_ms costs.
   ["pass, key not read by this worker within local_reuse_ms", { ...PASS_CONFIG, key_table: { local_reuse_ms: 0 } }, { method: "GET", path: KNOWN, upstream: UP.get200 }, 3, (r) => r.status === 200 && !r.local],
   ["negative-cache hit: GET of a key cached missing (local 404)", PASS_CONFIG, { method: "GET", path: MISSING, upstream: UP.get404 }, 3, (r) => r.status === 404 && r.local],

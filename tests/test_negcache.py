@@ -51,7 +51,7 @@ def test_repeated_missing_key_reaches_the_store_once_per_ttl(sidecar):
 
 
 def test_write_through_envoy_clears_the_cached_404(sidecar):
-    # One worker: its own DELETE ends its reuse of the key's read at once (src/recent.rs);
+    # One worker: its own DELETE ends its reuse of the key's read at once (src/negcache/recent.rs);
     # across workers see the next test.
     kask, envoy = sidecar(plugin={**QUIET, "negative_cache": {"ttl_ms": 60000}}, concurrency=1)
     path = "/sessions/v1/frwiki%3AMWSession%3Anew-login"

@@ -19,7 +19,7 @@ use crate::reply::{self, Reply};
 
 use super::abi::{self, Headers};
 use super::store::HostStore;
-use super::worker::{Waiter, Woken, Worker};
+use super::worker::{Paused, Woken, Worker};
 
 /// What the upstream's response headers told this filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,7 +274,7 @@ impl HttpContext for Http {
                     Flight::Wait => {
                         w.waiters.insert(
                             self.id,
-                            Waiter {
+                            Paused {
                                 fp,
                                 path: path.to_string(),
                             },

@@ -24,7 +24,7 @@ use super::metrics::Metrics;
 use super::store::HostStore;
 
 /// A request paused behind another one for the same missing key.
-pub struct Waiter {
+pub struct Paused {
     pub fp: u64,
     pub path: String,
 }
@@ -54,7 +54,7 @@ pub struct Worker {
     /// Ticks until the next seed check.
     seed_check_in: u32,
     pub flights: SingleFlight,
-    pub waiters: HashMap<u32, Waiter>,
+    pub waiters: HashMap<u32, Paused>,
     /// Woken waiters, until their own context notices.
     pub woken: HashMap<u32, Woken>,
     /// Which requests read the clock; the last reading for the others.
@@ -65,9 +65,9 @@ pub struct Worker {
 }
 
 /// Ticks the occupancy scan takes to cover the whole table (30 s at 100 ms). Every
-/// shard read costs a hostcall and a call back into the module for its copy; at 64
-/// shards per tick the scan alone cost ~3% of the proxy's CPU under load (docs/perf.md),
-/// for a gauge that is read on dashboards every 15-60 s.
+/// shard read costs a hostcall and a call back into the module for its copy (what a
+/// faster scan cost under load: docs/perf-history.md), for a gauge that is read on
+/// dashboards every 15-60 s.
 const SCAN_TICKS: u32 = 300;
 
 /// Ticks between two checks of the shared key-hash seed (1 s).

@@ -1,8 +1,8 @@
 //! A worker's own recent reads of keys known to exist, reused for a few milliseconds.
 //!
 //! Every key-table lookup copies the key's shard out of the host: one hostcall, and one
-//! call back into the module to allocate the copy. In Envoy's V8 that pair costs ~3% of
-//! a forwarded request's proxy CPU (docs/perf.md). Sessions are read in bursts (a page
+//! call back into the module to allocate the copy; docs/perf.md ("Where the pass path's
+//! cost goes") measures what that pair costs a forwarded request in Envoy's V8. Sessions are read in bursts (a page
 //! view, its API calls), so a worker that has just seen a key marked Exists reuses that
 //! read for `key_table.local_reuse_ms` instead of asking the host again.
 //!
