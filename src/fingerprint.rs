@@ -34,6 +34,7 @@
 use crate::keytable::create_if_absent;
 use crate::rng::splitmix64;
 use crate::shared::{SetError, SharedStore};
+use crate::wire::u64_at;
 
 /// Shared-data key holding the deployment's fingerprint seed.
 pub const SEED_KEY: &str = "sg.seed.v1";
@@ -140,12 +141,10 @@ fn encode_seed(seed: u64) -> [u8; 16] {
 }
 
 fn decode_seed(bytes: &[u8]) -> Option<u64> {
-    if bytes.len() != 16 || &bytes[..8] != SEED_MAGIC {
+    if bytes.len() != 16 || bytes.get(..8) != Some(&SEED_MAGIC[..]) {
         return None;
     }
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[8..]);
-    Some(u64::from_le_bytes(word))
+    u64_at(bytes, 8)
 }
 
 /// The deployment's seed as currently stored, if any (one shared-data get). A worker can

@@ -17,6 +17,8 @@ pub mod keytable;
 pub mod limiter;
 pub mod negcache;
 pub mod outcome;
+// Being rewritten on another branch (h19); the lint holds for it once that lands.
+#[allow(clippy::indexing_slicing)]
 pub mod pressure;
 pub mod prom;
 pub mod reply;

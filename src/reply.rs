@@ -272,7 +272,8 @@ fn push_escape(out: &mut Vec<u8>, code: u32) {
         _ => {
             out.extend_from_slice(b"\\u");
             for shift in [12, 8, 4, 0] {
-                out.push(HEX[((code >> shift) & 0xf) as usize]);
+                // A nibble is below 16: `get` always finds its digit.
+                out.extend(HEX.get(((code >> shift) & 0xf) as usize));
             }
             return;
         }

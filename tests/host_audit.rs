@@ -3,17 +3,25 @@
 //! (tests/fuzz.rs); this test audits the host glue, `src/host/*.rs`, the only code that
 //! receives data from Envoy, for the ways it could still panic on host data:
 //!
-//! - no `.unwrap()`, `.expect(`, `panic!`, `unreachable!`, `todo!`, `unimplemented!`,
-//!   `assert!`/`assert_eq!`/`assert_ne!` (only `debug_assert*`, compiled out in release);
-//! - no indexing except fixed-size counter arrays indexed by an enum's `.index()` (or
-//!   `crit_index`, a `usize::from(bool)`), and no slicing at all;
+//! - the crate's lints (Cargo.toml `[lints]`) deny `unwrap`, `expect`, `panic!`,
+//!   `unreachable!`, `todo!`, `unimplemented!`, indexing and slicing outside tests, and
+//!   `unsafe` outside `abi.rs`; what no lint says is checked here:
+//! - no `assert!`/`assert_eq!`/`assert_ne!` (only `debug_assert*`, compiled out in release);
 //! - no SDK calls that panic on unexpected host statuses: no `hostcalls::`, no SDK
 //!   trait methods that wrap hostcalls (`self.get_shared_data(..)`, ...): every
 //!   hostcall goes through `src/host/abi.rs`, which returns statuses as values (one
 //!   documented exception there: `hostcalls::dispatch_http_call`, whose token
 //!   registration the SDK's dispatcher needs to route the response);
-//! - `unsafe`, `extern` and `from_raw_parts` only in `abi.rs`;
+//! - `extern` and `from_raw_parts` only in `abi.rs`;
 //! - the release profile aborts on panic (a panic must not unwind across the ABI).
+// Tests may unwrap, panic and index (the filter crate denies them outside tests).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::fs;
@@ -167,21 +175,13 @@ const SDK_WRAPPERS: &[&str] = &[
 ];
 
 #[test]
-fn host_code_has_no_panicking_calls() {
+fn host_code_has_no_release_asserts() {
+    // `assert*!` panics in release builds too (only `debug_assert*` is compiled out);
+    // no clippy lint denies it. Unwrap, expect, panic, unreachable, todo, unimplemented
+    // and indexing are denied by the crate's lints (Cargo.toml).
     let mut found = Vec::new();
     for (name, code) in host_files() {
-        for needle in [
-            ".unwrap()",
-            ".expect(",
-            "panic!",
-            "unreachable!",
-            "todo!",
-            "unimplemented!",
-            "assert!",
-            "assert_eq!",
-            "assert_ne!",
-            ".unwrap_err()",
-        ] {
+        for needle in ["assert!", "assert_eq!", "assert_ne!"] {
             for at in find_all(&code, needle) {
                 found.push(format!("{name}:{}: {needle}", line_of(&code, at)));
             }
@@ -189,55 +189,9 @@ fn host_code_has_no_panicking_calls() {
     }
     assert!(
         found.is_empty(),
-        "panicking calls in src/host:\n{}",
+        "release asserts in src/host:\n{}",
         found.join("\n")
     );
-}
-
-#[test]
-fn host_code_indexes_only_fixed_counter_arrays() {
-    let mut found = Vec::new();
-    let mut allowed = 0;
-    for (name, code) in host_files() {
-        let b = code.as_bytes();
-        for (i, _) in code.match_indices('[') {
-            let prev = if i == 0 { b' ' } else { b[i - 1] };
-            let indexing =
-                prev.is_ascii_alphanumeric() || prev == b'_' || prev == b')' || prev == b']';
-            if !indexing {
-                continue; // a type, an array literal, an attribute, `vec![`
-            }
-            // The index expression, up to the matching bracket.
-            let mut depth = 0;
-            let mut end = i;
-            for (j, &c) in b.iter().enumerate().skip(i) {
-                match c {
-                    b'[' => depth += 1,
-                    b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            end = j;
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            let index = code[i + 1..end].trim();
-            let by_enum = index.ends_with(".index()") && !index.contains("..");
-            if by_enum || index == "crit_index" {
-                allowed += 1;
-            } else {
-                found.push(format!("{name}:{}: [{index}]", line_of(&code, i)));
-            }
-        }
-    }
-    assert!(
-        found.is_empty(),
-        "indexing or slicing in src/host (a panic on a bad index):\n{}",
-        found.join("\n")
-    );
-    assert!(allowed > 0, "the audit should see the counter arrays");
 }
 
 #[test]
@@ -265,7 +219,8 @@ fn every_hostcall_goes_through_abi_rs() {
             }
         }
         if name != "abi.rs" {
-            for needle in ["unsafe", "extern", "from_raw_parts"] {
+            // `unsafe` itself is denied outside abi.rs by the crate's lints.
+            for needle in ["extern", "from_raw_parts"] {
                 for at in find_all(&code, needle) {
                     found.push(format!(
                         "{name}:{}: {needle} outside abi.rs",
@@ -336,10 +291,11 @@ fn release_profile_aborts_on_panic() {
 fn the_audit_catches_what_it_forbids() {
     // The scanner itself: literals and comments are not code, the rest is.
     let code = code_only(
-        "let a = x.unwrap(); // y.expect(\n let s = \"panic!\"; let c = '['; v[i] = buf[..4];",
+        "assert!(a); // assert_eq!(\n let s = \"assert_ne!\"; let c = '['; extern \"C\" {}",
     );
-    assert!(code.contains(".unwrap()"));
-    assert!(!code.contains("expect("));
-    assert!(!code.contains("panic!"));
-    assert_eq!(code.matches('[').count(), 2, "{code}");
+    assert!(code.contains("assert!"));
+    assert!(!code.contains("assert_eq!"));
+    assert!(!code.contains("assert_ne!"));
+    assert!(!code.contains('['), "{code}");
+    assert!(code.contains("extern"));
 }

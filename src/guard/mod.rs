@@ -50,6 +50,14 @@ pub fn crit_index(crit: Criticality) -> usize {
     usize::from(crit == Criticality::Sheddable)
 }
 
+/// Counts one more in a [`Tally`] cell (the indexes come from enums, so the cell is
+/// always there).
+fn bump(cell: Option<&mut u64>) {
+    if let Some(n) = cell {
+        *n += 1;
+    }
+}
+
 /// A key request as the host parsed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyRequest {
@@ -145,7 +153,7 @@ impl Guard<'_> {
             lookup = Some(l);
             match l.mark {
                 Mark::Missing if cache_enforce => {
-                    self.tally.requests[Class::ReadUnknown.index()] += 1;
+                    bump(self.tally.requests.get_mut(Class::ReadUnknown.index()));
                     self.tally.cache_hits += 1;
                     return Verdict::CachedMissing;
                 }
@@ -155,12 +163,17 @@ impl Guard<'_> {
             }
         }
         let class = Class::of(req.op, known);
-        self.tally.requests[class.index()] += 1;
+        bump(self.tally.requests.get_mut(class.index()));
         let crit = self.config.priorities.of(class);
         let permit = match self.protect(store, crit, now_ms) {
             Ok(permit) => permit,
             Err((reason, severity)) => {
-                self.tally.shed[reason.index()][crit_index(crit)] += 1;
+                bump(
+                    self.tally
+                        .shed
+                        .get_mut(reason.index())
+                        .and_then(|row| row.get_mut(crit_index(crit))),
+                );
                 let u = self.rng.next_f64();
                 return Verdict::Shed {
                     reason,
@@ -283,7 +296,7 @@ impl Guard<'_> {
         if enforce {
             return Err((reason, severity));
         }
-        self.tally.would_shed[reason.index()] += 1;
+        bump(self.tally.would_shed.get_mut(reason.index()));
         Ok(())
     }
 }

@@ -7,6 +7,9 @@
 //! the SDK's exported allocator, so taking ownership with `Vec::from_raw_parts` is
 //! what the SDK itself does.
 
+// The only module that calls the host through raw pointers (the crate denies unsafe code).
+#![allow(unsafe_code)]
+
 use std::ptr::null_mut;
 
 /// A non-OK status from the host (the ABI's `WasmResult` code).

@@ -223,7 +223,9 @@ impl HttpContext for Http {
             // Health checks, metrics scrapes and requests the store rejects itself cost
             // it nothing: they pass untouched, so a readiness probe through this Envoy
             // is never shed exactly when the pod is busiest.
-            w.counts.requests[Class::Other.index()] += 1;
+            if let Some(n) = w.counts.requests.get_mut(Class::Other.index()) {
+                *n += 1;
+            }
             return Action::Continue;
         }
         // Only some requests are timed (`crate::clock`); the others use the VM's

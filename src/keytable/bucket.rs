@@ -2,7 +2,7 @@
 //! shard being modified.
 
 use super::*;
-use crate::wire::{u32_at, u64_at};
+use crate::wire::{put_u32_at, put_u64_at, u32_at, u64_at};
 
 /// What a slot says about its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,13 +72,23 @@ pub(super) fn decode_slot(bytes: &[u8]) -> Slot {
     }
 }
 
-pub(super) fn encode_slot(slot: &Slot, out: &mut [u8]) {
-    if slot.state == SlotState::Empty {
-        out[..SLOT_BYTES].fill(0);
-        return;
-    }
-    out[..8].copy_from_slice(&slot.fp.to_le_bytes());
-    out[8..16].copy_from_slice(&encode_meta(slot.state, slot.expires_at).to_le_bytes());
+/// Writes `slot` at `at` (an empty slot is all zeros); nothing if out of range.
+pub(super) fn encode_slot(slot: &Slot, out: &mut [u8], at: usize) {
+    let (fp, meta) = match slot.state {
+        SlotState::Empty => (0, 0),
+        _ => (slot.fp, encode_meta(slot.state, slot.expires_at)),
+    };
+    put_u64_at(out, at, fp);
+    put_u64_at(out, at + 8, meta);
+}
+
+/// The slots of one bucket's bytes (its generation header first).
+pub(super) fn slots_in(bucket: &[u8]) -> impl Iterator<Item = Slot> + '_ {
+    bucket
+        .get(BUCKET_HEADER_BYTES..)
+        .unwrap_or_default()
+        .chunks_exact(SLOT_BYTES)
+        .map(decode_slot)
 }
 
 /// The generation of a bucket as a reader saw it, to be handed back to a conditional
@@ -114,7 +124,7 @@ impl BucketMut<'_> {
     }
 
     pub fn set_generation(&mut self, generation: u32) {
-        self.bytes[..4].copy_from_slice(&generation.to_le_bytes());
+        put_u32_at(self.bytes, 0, generation);
     }
 
     /// Adds one (wrapping) and returns the new generation.
@@ -126,7 +136,7 @@ impl BucketMut<'_> {
 
     pub(super) fn slot_bytes(&self, way: usize) -> &[u8] {
         let at = BUCKET_HEADER_BYTES + way * SLOT_BYTES;
-        &self.bytes[at..at + SLOT_BYTES]
+        self.bytes.get(at..at + SLOT_BYTES).unwrap_or_default()
     }
 
     pub fn slot(&self, way: usize) -> Slot {
@@ -135,7 +145,7 @@ impl BucketMut<'_> {
 
     pub(super) fn write_slot(&mut self, way: usize, slot: &Slot) {
         let at = BUCKET_HEADER_BYTES + way * SLOT_BYTES;
-        encode_slot(slot, &mut self.bytes[at..at + SLOT_BYTES]);
+        encode_slot(slot, self.bytes, at);
     }
 
     /// The live entry for `fp`, if any (the most recent one).
@@ -148,7 +158,8 @@ impl BucketMut<'_> {
     /// Inserts or replaces the entry for `fp` at the front of the bucket.
     pub fn put(&mut self, fp: u64, state: SlotState, expires_at: u64) {
         let slots = self.slots();
-        let victim = Self::free_way(&slots[..self.ways], fp, self.now).unwrap_or(self.ways - 1);
+        let live = slots.get(..self.ways).unwrap_or_default();
+        let victim = Self::free_way(live, fp, self.now).unwrap_or(self.ways - 1);
         self.put_at(victim, &slots, fp, state, expires_at);
     }
 
@@ -158,7 +169,7 @@ impl BucketMut<'_> {
     /// Missing one may go. False (nothing written) if every slot holds a live session.
     pub fn put_missing(&mut self, fp: u64, expires_at: u64) -> bool {
         let slots = self.slots();
-        let live = &slots[..self.ways];
+        let live = slots.get(..self.ways).unwrap_or_default();
         let Some(victim) = Self::free_way(live, fp, self.now)
             .or_else(|| live.iter().rposition(|s| s.state == SlotState::Missing))
         else {
@@ -195,13 +206,15 @@ impl BucketMut<'_> {
         state: SlotState,
         expires_at: u64,
     ) {
-        let slots = &all[..self.ways];
-        let displaced = slots[victim];
+        let slots = all.get(..self.ways).unwrap_or_default();
+        let displaced = slots.get(victim).copied().unwrap_or(Slot::EMPTY);
         if displaced.is_live(self.now) && displaced.fp != fp {
             *self.evictions += 1;
         }
         for way in (1..=victim).rev() {
-            self.write_slot(way, &slots[way - 1]);
+            if let Some(before) = slots.get(way - 1) {
+                self.write_slot(way, before);
+            }
         }
         self.write_slot(
             0,
@@ -277,7 +290,7 @@ impl<'a> ShardMut<'a> {
     pub fn bucket(&mut self, index: u32) -> BucketMut<'_> {
         let range = self.layout.bucket_range(index % self.layout.buckets);
         BucketMut {
-            bytes: &mut self.bytes[range],
+            bytes: self.bytes.get_mut(range).unwrap_or_default(),
             ways: self.layout.ways as usize,
             now: self.now,
             evictions: &mut self.evictions,

@@ -76,7 +76,8 @@ mod bucket;
 mod layout;
 mod occupancy;
 
-use bucket::{decode_slot, read_u32};
+use crate::wire::put_u32_at;
+use bucket::{read_u32, slots_in};
 pub use bucket::{BucketMut, Generation, Probe, ShardMut, Slot, SlotState};
 pub use layout::{Layout, ShardKey};
 pub use occupancy::{Occupancy, OccupancyScan};
@@ -289,11 +290,8 @@ impl KeyTable {
             return absent;
         }
         let range = self.layout.bucket_range(bucket);
-        let b = &bytes[range];
-        let slot = b[BUCKET_HEADER_BYTES..]
-            .chunks_exact(SLOT_BYTES)
-            .map(decode_slot)
-            .find(|s| s.fp == fp && s.is_live(now_ms));
+        let b = bytes.get(range).unwrap_or_default();
+        let slot = slots_in(b).find(|s| s.fp == fp && s.is_live(now_ms));
         Probe {
             slot,
             generation: Generation(Some(read_u32(b, 0))),
@@ -302,10 +300,12 @@ impl KeyTable {
 
     fn fresh_shard(&mut self) -> Vec<u8> {
         let mut bytes = vec![0u8; self.layout.shard_bytes()];
-        bytes[..SHARD_HEADER_BYTES].copy_from_slice(&self.layout.header());
+        if let Some(header) = bytes.get_mut(..SHARD_HEADER_BYTES) {
+            header.copy_from_slice(&self.layout.header());
+        }
         for b in 0..self.layout.buckets {
             let at = self.layout.bucket_range(b).start;
-            bytes[at..at + 4].copy_from_slice(&next_u32(&mut self.rng).to_le_bytes());
+            put_u32_at(&mut bytes, at, next_u32(&mut self.rng));
         }
         bytes
     }
@@ -336,7 +336,7 @@ impl KeyTable {
             for b in 0..self.layout.buckets {
                 let at = self.layout.bucket_range(b).start;
                 let g = generation(&mut self.rng, b);
-                bytes[at..at + 4].copy_from_slice(&g.to_le_bytes());
+                put_u32_at(&mut bytes, at, g);
             }
             match store.set(&self.shard_key(shard), &bytes, Some(token)) {
                 Ok(()) => created += 1,
@@ -503,10 +503,8 @@ impl KeyTable {
             Some((bytes, _)) => {
                 for b in 0..self.layout.buckets {
                     let range = self.layout.bucket_range(b);
-                    for slot in bytes[range.start + BUCKET_HEADER_BYTES..range.end]
-                        .chunks_exact(SLOT_BYTES)
-                        .map(decode_slot)
-                        .filter(|s| s.is_live(now_ms))
+                    for slot in
+                        slots_in(bytes.get(range).unwrap_or_default()).filter(|s| s.is_live(now_ms))
                     {
                         match slot.state {
                             SlotState::Missing => occ.missing += 1,

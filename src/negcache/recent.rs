@@ -50,7 +50,7 @@ impl RecentKnown {
 
     /// The read of `fp` made at most `max_age_ms` ago (by this worker's clock).
     pub fn get(&self, fp: u64, now_ms: u64) -> Option<Lookup> {
-        let e = self.slots[Self::index(fp)]?;
+        let e = (*self.slots.get(Self::index(fp))?)?;
         let age = now_ms.checked_sub(e.read_at_ms)?;
         (e.fp == fp && age < self.max_age_ms).then_some(e.lookup)
     }
@@ -58,19 +58,22 @@ impl RecentKnown {
     /// Remembers a read that found `fp` marked Exists.
     pub fn put(&mut self, fp: u64, now_ms: u64, lookup: Lookup) {
         if self.max_age_ms > 0 {
-            self.slots[Self::index(fp)] = Some(Entry {
-                fp,
-                read_at_ms: now_ms,
-                lookup,
-            });
+            if let Some(slot) = self.slots.get_mut(Self::index(fp)) {
+                *slot = Some(Entry {
+                    fp,
+                    read_at_ms: now_ms,
+                    lookup,
+                });
+            }
         }
     }
 
     /// This worker is about to change `fp`'s entry: its next lookup must read the host.
     pub fn forget(&mut self, fp: u64) {
-        let slot = &mut self.slots[Self::index(fp)];
-        if slot.is_some_and(|e| e.fp == fp) {
-            *slot = None;
+        if let Some(slot) = self.slots.get_mut(Self::index(fp)) {
+            if slot.is_some_and(|e| e.fp == fp) {
+                *slot = None;
+            }
         }
     }
 }

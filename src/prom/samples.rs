@@ -192,10 +192,13 @@ impl<'a> Samples<'a> {
             return None;
         }
         self.line += 1;
-        match rest.iter().position(|&b| b == b'\n') {
-            Some(n) => {
-                self.pos += n + 1;
-                let line = &rest[..n];
+        match rest
+            .split(|&b| b == b'\n')
+            .next()
+            .filter(|l| l.len() < rest.len())
+        {
+            Some(line) => {
+                self.pos += line.len() + 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 Some((self.line, line))
             }

@@ -35,7 +35,7 @@ impl Selector {
             .map(|(k, v)| (k.to_string(), v.decoded().into_owned()))
             .collect();
         for (i, (k, _)) in labels.iter().enumerate() {
-            if labels[..i].iter().any(|(other, _)| other == k) {
+            if labels.iter().take(i).any(|(other, _)| other == k) {
                 return Err(bad("a label appears twice"));
             }
         }
