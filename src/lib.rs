@@ -3,6 +3,27 @@
 //!
 //! Everything but `host` is plain Rust with no proxy-wasm types, tested natively
 //! and as wasm; `host` is the only code that talks to Envoy.
+//!
+//! Where each mechanism lives (a folder's `mod.rs` has its design notes, its other
+//! files one part each, `tests.rs` its tests):
+//!
+//! - `guard/`: the decision pipeline for one request over all mechanisms below.
+//! - `limiter/`: the concurrency limit across workers (`table`: the shared in-flight
+//!   table; `sync`: its CAS loop and tick; `bounds`: caps and critical reserve;
+//!   `config`: the `concurrency` section); `gradient/`: the adaptive limit's controller.
+//! - `admission/`: client-side throttling from the store's success rate.
+//! - `pressure.rs`: the store's memory pressure (`prom/` reads its `/metrics`).
+//! - `negcache/`: cached 404s (`recent`: reuse of this worker's reads; `race`,
+//!   `hit_rate`: simulations), over `keytable/` (shared slots: `layout`, `bucket`,
+//!   `occupancy`); `singleflight.rs`: coalesced GETs of one missing key.
+//! - `classify.rs` (what a request is), `reply.rs` (local replies), `outcome.rs`
+//!   (how a request ended), `clock.rs` (which requests are timed).
+//! - Shared plumbing: `config/` (assembly; `check`: the leaf of errors and range
+//!   checks), `shared.rs` (the CAS store), `election.rs` (one leader for ticks),
+//!   `fingerprint.rs` (keyed key hash), `wire.rs` (byte codec), `rng.rs`,
+//!   `header_pairs.rs` (the ABI's header map).
+//!
+//! Dependencies point one way: tests/module_graph.rs fails on an import cycle.
 
 pub mod admission;
 pub mod classify;

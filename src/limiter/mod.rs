@@ -509,7 +509,7 @@ impl Limiter {
 
     /// Gives a permit back when its request ends, whichever way. Records the RTT for
     /// the adaptive limit when the ending measures the upstream's latency
-    /// ([`Ending::is_latency_sample`]). One read, and one CAS write unless the table
+    /// ([`Ending::is_latency_sample`](crate::outcome::Ending::is_latency_sample)). One read, and one CAS write unless the table
     /// already shows this VM's count. A permit from another limiter instance is
     /// ignored (and counted).
     pub fn release<S: SharedStore + ?Sized>(

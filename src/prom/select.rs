@@ -230,7 +230,7 @@ pub fn find_gauge(text: &[u8], name: &str, labels: &[(&str, &str)]) -> Result<f6
 pub const SELECTORS_PER_PASS: usize = 16;
 
 /// Looks up every selector in as few passes as possible (one for up to
-/// [`SELECTORS_PER_PASS`]); `out` is cleared and receives one result per selector.
+/// `SELECTORS_PER_PASS`); `out` is cleared and receives one result per selector.
 /// Allocates only for error messages (and `out` itself, if it must grow).
 pub fn find_many(text: &[u8], selectors: &[Selector], out: &mut Vec<Result<f64, PromError>>) {
     out.clear();
