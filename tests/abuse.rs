@@ -28,14 +28,6 @@
 //! `flood_evicts_the_hot_set_as_the_bound_predicts` measures this on the real
 //! `NegCache` over `MemStore`; `flood_costs_at_most_the_stated_re_misses` measures the
 //! amplification with hot keys refreshed as they would be by live traffic.
-// Tests may unwrap, panic and index (the filter crate denies them outside tests).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::unreachable
-)]
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::collections::HashMap;
