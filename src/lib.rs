@@ -5,6 +5,7 @@
 //! and as wasm; `host` is the only code that talks to Envoy.
 
 pub mod admission;
+pub mod ceiling;
 pub mod classify;
 pub mod clock;
 pub mod config;
