@@ -1052,7 +1052,7 @@ fn snapshot_bytes(g: &mut Gen) -> Vec<u8> {
     }
     let mut b = vec![0u8; SNAPSHOT_LEN];
     b[..4].copy_from_slice(b"SGMP");
-    b[4] = if g.one_in(20) { g.u64() as u8 } else { 1 };
+    b[4] = if g.one_in(20) { g.u64() as u8 } else { 2 };
     let active = g.bool();
     b[5] = if g.one_in(10) {
         g.u64() as u8
@@ -1082,9 +1082,17 @@ fn snapshot_bytes(g: &mut Gen) -> Vec<u8> {
     }
     b[64..72].copy_from_slice(&g.int().to_le_bytes());
     b[72..80].copy_from_slice(&g.int().to_le_bytes());
+    // The in-flight ceiling: none, in range, or anything.
+    let ceiling = match g.below(3) {
+        0 => 0,
+        1 => 8 + g.below(1 << 20) as u32,
+        _ => g.u64() as u32,
+    };
+    b[80..84].copy_from_slice(&ceiling.to_le_bytes());
+    b[84..88].copy_from_slice(&(g.u64() as u32).to_le_bytes());
     if !g.one_in(20) {
-        let sum = fnv1a(&b[..80]);
-        b[80..84].copy_from_slice(&sum.to_le_bytes());
+        let sum = fnv1a(&b[..88]);
+        b[88..92].copy_from_slice(&sum.to_le_bytes());
     }
     if g.one_in(10) {
         let i = g.below(SNAPSHOT_LEN as u64) as usize;
@@ -1146,7 +1154,7 @@ fn fuzz_pressure() {
             match g.below(4) {
                 0 => tracker.on_failure(ep, FailureReason::Timeout, t),
                 1 => {
-                    let _ = tracker.on_sample(ep, &g.bytes(200), t);
+                    let _ = tracker.on_sample(ep, &g.bytes(200), g.below(4096) as u32, t);
                 }
                 _ => {
                     let mut body = Vec::new();
@@ -1168,7 +1176,7 @@ fn fuzz_pressure() {
                     if g.one_in(6) {
                         body.pop();
                     }
-                    let _ = tracker.on_sample(ep, &body, t);
+                    let _ = tracker.on_sample(ep, &body, g.below(4096) as u32, t);
                 }
             }
             let snap = tracker.snapshot(t);
