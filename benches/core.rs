@@ -13,15 +13,14 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use sessionguard::admission::{Admission, Decision};
-use sessionguard::classify::{classify, Class, Criticality, Op};
+use sessionguard::classify::{classify, Criticality};
 use sessionguard::config::Config;
+use sessionguard::guard::{Flight, KeyRequest, Outstanding, Verdict, Vm};
 use sessionguard::limiter::{Acquire, Completion, Ending, LimitMode, Limiter};
 use sessionguard::negcache::{Mark, NegCache};
 use sessionguard::pressure::PressureTracker;
 use sessionguard::prom::find_gauge;
 use sessionguard::reply::{self, ShedReason};
-use sessionguard::rng::Rng;
 use sessionguard::shared::MemStore;
 
 const BASE: &str = "/sessions/v1/";
@@ -108,7 +107,7 @@ fn bench_limiter(c: &mut Criterion) {
         let mut lim = Limiter::new(&shed_cfg, cfg.cas_attempts, 0xfeed);
         b.iter(
             || match lim.try_acquire(&store, Criticality::Sheddable, NOW_MS) {
-                Acquire::Shed { severity } => severity,
+                Acquire::Shed { severity, .. } => severity,
                 _ => unreachable!("sheddable share is 0"),
             },
         )
@@ -389,98 +388,59 @@ fn bench_reply(c: &mut Criterion) {
 /// The core's side of `on_http_request_headers` + `on_http_response_headers` + `on_log`
 /// for each path, as `src/host/http.rs` sequences it, minus the hostcalls.
 struct Core {
-    cfg: Config,
     store: MemStore,
-    cache: NegCache,
-    limiter: Limiter,
-    admission: Admission,
-    rng: Rng,
+    vm: Vm,
 }
 
 impl Core {
     fn new(cfg: Config) -> Self {
-        let store = MemStore::new();
         Self {
-            cache: NegCache::from_config(&cfg, 42, 7),
-            limiter: Limiter::new(&cfg.concurrency, cfg.cas_attempts, 0xfeed),
-            admission: Admission::new(&cfg.admission, cfg.cas_attempts),
-            rng: Rng::new(9),
-            store,
-            cfg,
+            store: MemStore::new(),
+            vm: Vm::new(cfg, 0xfeed, 42, 9),
         }
     }
 
     /// One request; returns the status the client would see.
     fn request(&mut self, method: &str, path: &str, upstream_status: u32) -> u32 {
-        let request = classify(method, path, &self.cfg.base_uri);
-        let fp = request.key.as_deref().map(|k| self.cache.fingerprint(k));
-        let mut lookup = None;
-        let mut known = false;
-        if let (Op::Read, Some(fp)) = (request.op, fp) {
-            let l = self.cache.lookup(&self.store, fp, NOW_MS);
-            lookup = Some(l);
-            match l.mark {
-                Mark::Missing => {
-                    let r = reply::cached_not_found(path);
-                    return black_box(r).status;
-                }
-                Mark::Exists => known = true,
-                Mark::Unknown => {}
-            }
-        }
-        let class = Class::of(request.op, known);
-        let crit = self.cfg.priorities.of(class);
-        let shed = match self.admission.decide(crit, self.rng.next_f64()) {
-            Decision::Reject { severity } => Some((ShedReason::Admission, severity)),
-            _ => None,
+        let request = classify(method, path, &self.vm.config.base_uri);
+        let Some(key) = request.key.as_deref() else {
+            return upstream_status;
         };
-        let (permit, shed) = match shed {
-            Some(s) => (None, Some(s)),
-            None => match self.limiter.try_acquire(&self.store, crit, NOW_MS) {
-                Acquire::Admitted(p) | Acquire::ShadowShed(p) => (Some(p), None),
-                Acquire::Shed { severity } => (None, Some((ShedReason::Concurrency, severity))),
-            },
+        let req = KeyRequest {
+            op: request.op,
+            fp: self.vm.cache.fingerprint(key),
+            id: 1,
         };
-        if let Some((reason, severity)) = shed {
-            let secs = self.cfg.retry_after.seconds(severity, self.rng.next_f64());
-            let r = reply::overloaded(reason, path, secs);
-            return black_box(r).status;
-        }
-        let write = match (request.op, fp) {
-            (Op::Write | Op::Delete, Some(fp)) => {
-                Some(self.cache.begin_write(&self.store, fp, NOW_MS))
-            }
-            _ => None,
+        let fwd = match self.vm.guard().decide(&self.store, req, NOW_MS) {
+            Verdict::CachedMissing => return black_box(reply::cached_not_found(path)).status,
+            Verdict::Shed {
+                reason,
+                retry_after_secs,
+                ..
+            } => return black_box(reply::overloaded(reason, path, retry_after_secs)).status,
+            Verdict::Forward(fwd) => fwd,
         };
         // Response headers.
-        if let Some(fp) = fp {
-            let success = (200..300).contains(&upstream_status);
-            match (request.op, write) {
-                (Op::Write, Some(_)) => {
-                    self.cache.end_write(&self.store, fp, success, NOW_MS);
-                }
-                (Op::Read, _) => {
-                    if let Some(l) = lookup {
-                        if upstream_status == 404 {
-                            self.cache
-                                .insert_missing(&self.store, fp, l.generation, NOW_MS);
-                        } else if upstream_status == 200 {
-                            self.cache.mark_exists(&self.store, fp, &l, NOW_MS);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
+        let outstanding = Outstanding {
+            write: fwd.write,
+            lookup: fwd.lookup,
+            leader: fwd.flight == Flight::Leader,
+        };
+        let status = Some(upstream_status);
+        let wake = self
+            .vm
+            .guard()
+            .settle(&self.store, req, outstanding, status, || true, NOW_MS);
+        black_box(wake);
         // on_log.
         let ending = Ending::Response(upstream_status);
-        self.admission.record(ending);
-        if let Some(permit) = permit {
+        self.vm.admission.record(ending);
+        if let Some(permit) = fwd.permit {
             let done = Completion {
                 rtt_ms: Some(0.3),
                 ending,
             };
-            self.limiter.release(&self.store, permit, done, NOW_MS);
+            self.vm.limiter.release(&self.store, permit, done, NOW_MS);
         }
         upstream_status
     }

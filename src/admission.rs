@@ -31,6 +31,12 @@
 //! left to shed". With Kask's mix (~85% sheddable reader misses), critical writes
 //! are untouched until the store fails more than that.
 //!
+//! Critical requests are judged on the last [`RECENT_SECS`] seconds as well: their
+//! probability comes from `min(p, p_recent)`. A store that crashed fills the window
+//! with failures for `window_secs`; once it answers again, the recent seconds show
+//! successes (or too few requests to judge: no rejection) and logged-in users are
+//! admitted within two seconds, while sheddable traffic comes back with the window.
+//!
 //! # Hot path and shared data
 //!
 //! [`Admission::decide`] and [`Admission::record`] touch only this VM's counters (no
@@ -108,6 +114,10 @@ impl AdmissionConfig {
 pub const ADMISSION_KEY: &str = "sg.v1.admission";
 
 const MAGIC: [u8; 4] = *b"SGa1";
+/// Critical requests are rejected only while the store also failed in the last
+/// this many seconds: a store that came back gets its users' work at once, not when
+/// its failures leave the (longer) window.
+pub const RECENT_SECS: usize = 2;
 const HEADER_LEN: usize = 8;
 const BUCKET_LEN: usize = 20;
 
@@ -295,9 +305,9 @@ impl Ring {
         }
     }
 
-    /// Sums the buckets of the last `n` seconds, as u64.
-    fn window(&self, now_sec: u32) -> [u64; 4] {
-        let n = self.buckets.len();
+    /// Sums the buckets of the last `span` seconds (at most the ring's), as u64.
+    fn window(&self, now_sec: u32, span: usize) -> [u64; 4] {
+        let n = self.buckets.len().min(span);
         let mut sum = [0u64; 4];
         for (sec, c) in &self.buckets {
             if (now_sec.wrapping_sub(*sec) as usize) < n {
@@ -330,7 +340,7 @@ impl Admission {
         self.cfg = cfg.clone();
         if !cfg.enabled {
             self.pending = Counts::default();
-            self.set_probabilities(0.0, 0.0);
+            self.set_probabilities(0.0, 0.0, 0.0);
         }
     }
 
@@ -411,7 +421,7 @@ impl Admission {
             let rewrite = current.is_some() && decoded.is_none();
             let mut ring = decoded.unwrap_or_else(|| Ring::empty(n));
             ring.add(now_sec, &pending);
-            sums = Some(ring.window(now_sec));
+            sums = Some((ring.window(now_sec, n), ring.window(now_sec, RECENT_SECS)));
             (rewrite || !pending.is_zero()).then(|| (ring.encode(), ()))
         });
         match result {
@@ -420,7 +430,7 @@ impl Admission {
             Err(_) => self.stats.flush_giveups += 1,
         }
         // On a give-up the window was still read (without our counters): use it.
-        let Some([requests, accepts, offered, offered_sheddable]) = sums else {
+        let Some(([requests, accepts, offered, offered_sheddable], recent)) = sums else {
             return;
         };
         self.stats.window_requests = requests;
@@ -438,11 +448,22 @@ impl Admission {
             self.cfg.max_rejection_probability,
             self.cfg.min_requests,
         );
-        self.set_probabilities(p, share);
+        let [recent_requests, recent_accepts, ..] = recent;
+        let p_recent = rejection_probability(
+            recent_requests,
+            recent_accepts,
+            self.cfg.k,
+            self.cfg.max_rejection_probability,
+            self.cfg.min_requests,
+        );
+        self.set_probabilities(p, share, p_recent);
     }
 
-    fn set_probabilities(&mut self, p: f64, share: f64) {
-        let (ps, pc) = split(p, share);
+    /// `p` over the window splits between the classes; critical requests are turned
+    /// away only while the last [`RECENT_SECS`] seconds say so too (`p_recent`).
+    fn set_probabilities(&mut self, p: f64, share: f64, p_recent: f64) {
+        let (ps, _) = split(p, share);
+        let (_, pc) = split(p.min(p_recent), share);
         self.p = p;
         self.p_sheddable = ps;
         self.p_critical = pc;
@@ -702,6 +723,44 @@ mod tests {
         for i in 0..1000 {
             assert_eq!(a.decide(C, f64::from(i) / 1000.0), Decision::Admit);
         }
+    }
+
+    #[test]
+    fn critical_requests_come_back_within_seconds_of_a_recovery() {
+        let store = MemStore::new();
+        let mut a = Admission::new(&cfg(10, 10), 8);
+        // Half the traffic critical, each request forwarded whatever the decision.
+        let mut second = |a: &mut Admission, now: &mut u64, failing: bool| {
+            for tenth in 0..10 {
+                for i in 0..10 {
+                    let _ = a.decide(if i % 2 == 0 { C } else { S }, 0.999);
+                    a.record(Ending::Response(if failing { 503 } else { 200 }));
+                }
+                a.tick(&store, *now + tenth * 100);
+            }
+            *now += 1000;
+        };
+        // The store is down for the whole window: rejecting every sheddable request
+        // is not enough (p = 0.9 > s = 0.5), so critical ones are rejected too.
+        let mut now = 0;
+        for _ in 0..10 {
+            second(&mut a, &mut now, true);
+        }
+        assert!(a.stats().critical_rejection_probability > 0.5);
+        // It is back. The window holds failures for seconds yet (it alone would
+        // admit critical requests again after ~4 s), the last two seconds are clean.
+        let mut back_after = None;
+        for s in 1..=10u64 {
+            second(&mut a, &mut now, false);
+            if back_after.is_none() && a.stats().critical_rejection_probability == 0.0 {
+                back_after = Some(s);
+                assert!(a.stats().sheddable_rejection_probability > 0.0);
+            }
+        }
+        assert!(
+            matches!(back_after, Some(s) if s <= 2),
+            "critical requests admitted again after {back_after:?} s"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod election;
 pub mod fingerprint;
 pub mod gradient;
+pub mod guard;
 pub mod header_pairs;
 pub mod keytable;
 pub mod limiter;

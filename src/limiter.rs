@@ -5,7 +5,7 @@
 //! ```text
 //! on_http_request_headers:  match limiter.try_acquire(store, crit, now) {
 //!                               Acquire::Admitted(p) | Acquire::ShadowShed(p) => keep p in the context,
-//!                               Acquire::Shed { severity } => fast 503 (reason "concurrency"),
+//!                               Acquire::Shed { severity, .. } => fast 503 (reason "concurrency"),
 //!                           }
 //! on_log (every ending):    limiter.release(store, permit, Completion { rtt_ms, ending }, now)
 //! drop of the context:      the same, if on_log did not run (backstop)
@@ -89,11 +89,32 @@
 //! against the table), and when the allowance is below one slot (small limits,
 //! many VMs) every release is written at once.
 //!
-//! # Priorities
+//! # Priorities: sheddable requests get what critical traffic leaves
 //!
-//! Critical requests may use the whole limit. Sheddable ones may occupy at most
-//! `floor(sheddable_share × limit)` slots, so critical requests always find at least
-//! `limit − floor(sheddable_share × limit)` slots that sheddable traffic cannot take.
+//! With `room = min(limit, memory ceiling)`:
+//!
+//! ```text
+//! critical:   admitted while  critical < limit  and  total < ceiling
+//! sheddable:  admitted while  total < room      and  sheddable < sheddable_cap
+//! sheddable_cap = min(floor(sheddable_share × room), room − reserve)
+//! reserve       = ceil(RESERVE_MARGIN × recent peak of critical in flight) + RESERVE_SLACK
+//! ```
+//!
+//! Critical requests are judged against their own count, not the total: a flood of
+//! sheddable requests already in flight cannot shut them out, so a critical request
+//! is shed by the concurrency limit only when critical traffic alone fills it. The
+//! total may then pass the limit by the sheddable requests already admitted, for one
+//! round trip: no new sheddable request is admitted while the total is at the limit.
+//! The memory ceiling is a hard bound on the total (memory is what kills the pod),
+//! and the reserve keeps room for critical traffic inside it.
+//!
+//! The reserve follows the critical concurrency seen across all VMs (every read of
+//! the table shows it): it rises at once when critical traffic passes it, and decays
+//! by [`RESERVE_DECAY`] per tick, so a step of critical demand takes room from
+//! sheddable traffic within one request, and gives it back over seconds. Static
+//! shares cannot do this: with a sheddable share of 0.8 and a surge whose critical
+//! part needs more than 20% of the limit, an endless supply of sheddable requests
+//! holds 80% of the slots and critical requests are shed as often as sheddable ones.
 //!
 //! # Adaptive limit
 //!
@@ -234,6 +255,15 @@ const SHED_EWMA_WEIGHT: f64 = 1.0 / 32.0;
 /// A VM may leave `limit / DEFER_DIVISOR` releases unwritten (module docs).
 pub const DEFER_DIVISOR: u32 = 16;
 
+/// The critical reserve is this multiple of the recent peak of critical in flight,
+/// plus [`RESERVE_SLACK`] slots: Poisson arrivals overshoot their mean, and a reserve
+/// that critical traffic fills exactly sheds the next critical request.
+pub const RESERVE_MARGIN: f64 = 1.25;
+pub const RESERVE_SLACK: u32 = 2;
+/// Per tick, the remembered peak of critical in flight decays by this factor
+/// (half-life ~2.3 s at 100 ms ticks) unless the last tick's window saw more.
+pub const RESERVE_DECAY: f64 = 0.97;
+
 /// In-flight requests by criticality.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InFlight {
@@ -350,15 +380,24 @@ impl Permit {
     }
 }
 
+/// Which bound a shed request met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// The concurrency limit (or the sheddable cap under it).
+    Concurrency,
+    /// The memory ceiling (or the sheddable cap under it) was the tighter bound.
+    Memory,
+}
+
 /// The decision for one request.
 #[derive(Debug, PartialEq)]
 #[must_use]
 pub enum Acquire {
     /// Go ahead; release the permit when the request ends.
     Admitted(Permit),
-    /// Shed with reason concurrency. `severity` in [0, 1] (for `retry-after`) is the
-    /// recent fraction of this VM's requests shed, at least 0.5 for a critical one.
-    Shed { severity: f64 },
+    /// Shed by `bound`. `severity` in [0, 1] (for `retry-after`) is the recent
+    /// fraction of this VM's requests shed, at least 0.5 for a critical one.
+    Shed { severity: f64, bound: Bound },
     /// Shadow mode (`enforce: false`): it would have been shed; it was admitted and
     /// counted anyway. Release the permit like any other.
     ShadowShed(Permit),
@@ -370,6 +409,12 @@ pub enum Acquire {
 pub struct LimiterStats {
     /// The limit this VM enforces (cached from the controller at its last tick).
     pub limit: u32,
+    /// The memory ceiling on total in flight; 0 = none.
+    pub memory_ceiling: u32,
+    /// Slots kept free of sheddable requests for critical ones (module docs).
+    pub critical_reserve: u32,
+    /// Sheddable requests admitted while at most this many are in flight.
+    pub sheddable_cap: u32,
     /// Global in-flight at this VM's last read of the table.
     pub in_flight: u32,
     pub in_flight_critical: u32,
@@ -539,7 +584,14 @@ pub struct Limiter {
     base_limit: u32,
     /// Share of `base_limit` allowed under backend memory pressure, in (0, 1].
     pressure_factor: f64,
+    /// Hard bound on total in flight from the store's memory headroom.
+    ceiling: Option<u32>,
     sheddable_cap: u32,
+    /// Slots sheddable requests leave to critical ones, and the critical peak behind
+    /// it: the decayed estimate and the current tick's window.
+    reserve: u32,
+    critical_peak: f64,
+    window_critical_peak: u32,
     /// Permits this VM holds: the truth its slot must show.
     local: InFlight,
     /// What this VM's slot in the table shows.
@@ -569,7 +621,11 @@ impl Limiter {
             limit: 0,
             base_limit: 0,
             pressure_factor: 1.0,
+            ceiling: None,
             sheddable_cap: 0,
+            reserve: 0,
+            critical_peak: 0.0,
+            window_critical_peak: 0,
             local: InFlight::default(),
             slot: SlotState::Shows(InFlight::default()),
             others_seen: InFlight::default(),
@@ -614,17 +670,84 @@ impl Limiter {
     }
 
     fn apply_pressure(&mut self) {
-        let (old_limit, old_cap) = (self.limit, self.sheddable_cap);
         let shrunk = f64_to_u32(f64::from(self.base_limit) * self.pressure_factor);
         // Never 0: one request at a time still lets the store make progress.
-        self.limit = shrunk.clamp(1, self.base_limit.max(1));
-        self.sheddable_cap = f64_to_u32(self.share * f64::from(self.limit));
+        let limit = shrunk.clamp(1, self.base_limit.max(1));
+        self.set_caps(limit);
+    }
+
+    /// Slots of the tighter of the limit and the memory ceiling.
+    fn room(&self) -> u32 {
+        let limit = if self.enabled { self.limit } else { u32::MAX };
+        self.ceiling.map_or(limit, |c| c.min(limit))
+    }
+
+    /// Sets the enforced limit and derives the sheddable cap from it, the memory
+    /// ceiling and the critical reserve.
+    fn set_caps(&mut self, limit: u32) {
+        let (old_limit, old_cap) = (self.limit, self.sheddable_cap);
+        self.limit = limit;
+        let room = self.room();
+        let by_share = f64_to_u32(self.share * f64::from(room));
+        self.sheddable_cap = by_share.min(room.saturating_sub(self.reserve));
         self.stats.limit = self.limit;
+        self.stats.sheddable_cap = self.sheddable_cap;
+        self.stats.critical_reserve = self.reserve;
         if self.limit < old_limit || self.sheddable_cap < old_cap {
             // Unwritten releases were admitted under the larger limit: taking them
             // back without a look at the table could exceed the new one.
             self.withdraw_deferred();
         }
+    }
+
+    /// Caps the global in-flight count at `ceiling` requests (memory headroom turned
+    /// into requests); `None` = no memory cap. Critical requests keep their reserve
+    /// inside it. While a ceiling is set, requests are counted even with the
+    /// concurrency limit disabled.
+    pub fn set_memory_ceiling(&mut self, ceiling: Option<u32>) {
+        // Never 0: one request at a time still lets the store make progress.
+        let ceiling = ceiling.map(|c| c.max(1));
+        if ceiling.unwrap_or(u32::MAX) < self.ceiling.unwrap_or(u32::MAX) {
+            // Unwritten releases were admitted under the higher ceiling.
+            self.withdraw_deferred();
+        }
+        self.ceiling = ceiling;
+        self.stats.memory_ceiling = self.ceiling.unwrap_or(0);
+        self.set_caps(self.limit);
+    }
+
+    /// Whether requests are counted in the shared table at all.
+    fn counting(&self) -> bool {
+        self.enabled || self.ceiling.is_some()
+    }
+
+    /// The reserve for `peak` critical requests in flight: none before any critical
+    /// request was seen (the sheddable share alone keeps room then).
+    fn reserve_for(peak: f64) -> u32 {
+        if peak < 1.0 {
+            return 0;
+        }
+        f64_to_u32((peak * RESERVE_MARGIN).ceil()).saturating_add(RESERVE_SLACK)
+    }
+
+    /// Notes the critical requests in flight across all VMs: a count past the
+    /// reserve raises it at once (a step of critical demand takes room from
+    /// sheddable traffic within one request).
+    fn note_critical(&mut self, critical: u32) {
+        self.window_critical_peak = self.window_critical_peak.max(critical);
+        if critical > 0 && critical > self.reserve.saturating_sub(RESERVE_SLACK) {
+            self.critical_peak = self.critical_peak.max(f64::from(critical));
+            self.reserve = Self::reserve_for(self.critical_peak);
+            self.set_caps(self.limit);
+        }
+    }
+
+    /// Once per tick: the critical peak decays unless the last window saw more.
+    fn decay_reserve(&mut self) {
+        let window = f64::from(std::mem::take(&mut self.window_critical_peak));
+        self.critical_peak = window.max(self.critical_peak * RESERVE_DECAY);
+        self.reserve = Self::reserve_for(self.critical_peak);
+        self.set_caps(self.limit);
     }
 
     /// Writes deferred releases at the next acquire, release or tick.
@@ -669,6 +792,7 @@ impl Limiter {
         self.stats.in_flight = total.total();
         self.stats.in_flight_critical = total.critical;
         self.stats.in_flight_sheddable = total.sheddable;
+        self.note_critical(total.critical);
     }
 
     /// Whether a release (already taken off `local`) may stay unwritten: the slot
@@ -695,6 +819,11 @@ impl Limiter {
         if !self.enforce || stored.count(crit) <= self.local.count(crit) {
             return false;
         }
+        // Only while the request would fit now: the limit, the ceiling or the
+        // reserve may have tightened since the slot was admitted.
+        if self.fits(self.others_seen.plus(self.local), crit).is_err() {
+            return false;
+        }
         self.local = want;
         self.peak = self.peak.max(self.others_seen.plus(stored).total());
         self.stats.acquires_reused += 1;
@@ -706,12 +835,22 @@ impl Limiter {
         self.limit
     }
 
-    fn fits(&self, total: InFlight, crit: Criticality) -> bool {
-        total.total() < self.limit
-            && match crit {
-                Criticality::Critical => true,
-                Criticality::Sheddable => total.sheddable < self.sheddable_cap,
-            }
+    /// Whether one more request of class `crit` fits beside `total` (module docs,
+    /// "Priorities"); if not, the bound it met.
+    fn fits(&self, total: InFlight, crit: Criticality) -> Result<(), Bound> {
+        let ceiling = self.ceiling.unwrap_or(u32::MAX);
+        let limit = if self.enabled { self.limit } else { u32::MAX };
+        let fits_limit = match crit {
+            Criticality::Critical => total.critical < limit,
+            Criticality::Sheddable => total.total() < limit && total.sheddable < self.sheddable_cap,
+        };
+        match (fits_limit, total.total() < ceiling) {
+            (true, true) => Ok(()),
+            (_, false) => Err(Bound::Memory),
+            // The sheddable cap is set by whichever of limit and ceiling is tighter.
+            (false, true) if ceiling < limit => Err(Bound::Memory),
+            (false, true) => Err(Bound::Concurrency),
+        }
     }
 
     fn permit(&self, crit: Criticality, counted: bool) -> Permit {
@@ -727,7 +866,7 @@ impl Limiter {
         self.shed_ewma += (x - self.shed_ewma) * SHED_EWMA_WEIGHT;
     }
 
-    fn shed(&mut self, crit: Criticality) -> Acquire {
+    fn shed(&mut self, crit: Criticality, bound: Bound) -> Acquire {
         self.note_decision(true);
         let severity = match crit {
             Criticality::Critical => {
@@ -741,6 +880,7 @@ impl Limiter {
         };
         Acquire::Shed {
             severity: severity.clamp(0.0, 1.0),
+            bound,
         }
     }
 
@@ -757,7 +897,7 @@ impl Limiter {
         crit: Criticality,
         now_ms: u64,
     ) -> Acquire {
-        if !self.enabled {
+        if !self.counting() {
             self.stats.admitted += 1;
             return Acquire::Admitted(self.permit(crit, false));
         }
@@ -765,7 +905,7 @@ impl Limiter {
         if self.try_reuse(crit, want) {
             return self.admitted(crit, true);
         }
-        let mut last_fit = false;
+        let mut last_fit = Err(Bound::Concurrency);
         let mut full = false;
         for _ in 0..self.attempts {
             let (mut buf, cas) = match store.get(INFLIGHT_KEY) {
@@ -778,9 +918,9 @@ impl Limiter {
             let total = others.plus(self.local);
             let fits = self.fits(total, crit);
             last_fit = fits;
-            if !fits && self.enforce {
+            if let (Err(bound), true) = (fits, self.enforce) {
                 self.peak = self.peak.max(total.total());
-                return self.shed(crit);
+                return self.shed(crit, bound);
             }
             if !write_mine(&mut buf, scanned, self.id, now_ms, want) {
                 full = true;
@@ -792,7 +932,7 @@ impl Limiter {
                     self.set_dirty(false);
                     self.seen(others, buf.len().saturating_sub(HEADER_LEN) / SLOT_LEN);
                     self.peak = self.peak.max(others.plus(want).total());
-                    return self.admitted(crit, fits);
+                    return self.admitted(crit, fits.is_ok());
                 }
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Host) => break,
@@ -804,14 +944,14 @@ impl Limiter {
         } else {
             self.stats.cas_giveups_acquire += 1;
         }
-        let admit_untracked = !self.enforce || (crit == Criticality::Critical && last_fit);
+        let admit_untracked = !self.enforce || (crit == Criticality::Critical && last_fit.is_ok());
         if !admit_untracked {
-            return self.shed(crit);
+            return self.shed(crit, last_fit.err().unwrap_or(Bound::Concurrency));
         }
         self.local = want;
         self.set_dirty(true);
         self.stats.untracked_admits += 1;
-        let fits = last_fit && crit == Criticality::Critical;
+        let fits = last_fit.is_ok() && crit == Criticality::Critical;
         self.admitted(crit, fits)
     }
 
@@ -918,10 +1058,11 @@ impl Limiter {
     ///    controller step if `is_leader` (from [`crate::election::Election::tick`]),
     ///    and cache the limit to enforce until the next tick.
     pub fn tick<S: SharedStore + ?Sized>(&mut self, store: &S, now_ms: u64, is_leader: bool) {
-        if !self.enabled && self.local.is_zero() && !self.is_dirty() {
+        if !self.counting() && self.local.is_zero() && !self.is_dirty() {
             return;
         }
         self.maintain_table(store, now_ms);
+        self.decay_reserve();
         if !self.enabled {
             return;
         }
@@ -1038,6 +1179,8 @@ impl Limiter {
         s.local_in_flight = self.local.total();
         s.pending_sync = self.is_dirty();
         s.limit = self.limit;
+        s.sheddable_cap = self.sheddable_cap;
+        s.critical_reserve = self.reserve;
         s
     }
 
@@ -1166,8 +1309,8 @@ mod tests {
     fn only_a_kept_slot_of_the_same_class_is_taken_back() {
         let store = MemStore::new();
         let mut l = Limiter::new(&fixed(64, 0.5), 8, 1);
-        let mut crit: Vec<_> = (0..32).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
         let shed: Vec<_> = (0..32).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
+        let mut crit: Vec<_> = (0..32).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
         l.release(&store, crit.pop().unwrap(), done(1.0), 1);
         assert_eq!(global(&store), 64, "kept");
         // The kept slot is critical: a sheddable request must not get it, and the
@@ -1297,20 +1440,133 @@ mod tests {
     fn sheddable_share_keeps_room_for_critical() {
         let store = MemStore::new();
         let mut l = Limiter::new(&fixed(10, 0.6), 8, 1);
-        let mut held: Vec<_> = (0..6).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
+        let held: Vec<_> = (0..6).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
         assert!(matches!(l.try_acquire(&store, S, 0), Acquire::Shed { .. }));
-        for _ in 0..4 {
+        let c = ok(l.try_acquire(&store, C, 0));
+        for p in held.into_iter().chain([c]) {
+            l.release(&store, p, done(1.0), 0);
+        }
+        assert_eq!(global(&store), 0);
+    }
+
+    #[test]
+    fn critical_requests_are_judged_by_their_own_count() {
+        let store = MemStore::new();
+        let mut l = Limiter::new(&fixed(10, 0.6), 8, 1);
+        // Sheddable requests fill their share before any critical one arrives...
+        let mut held: Vec<_> = (0..6).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
+        // ...and cannot shut critical ones out: all 10 fit, the total passes the limit
+        // by the sheddable requests already admitted.
+        for _ in 0..10 {
             held.push(ok(l.try_acquire(&store, C, 0)));
         }
+        assert_eq!(global(&store), 16);
         match l.try_acquire(&store, C, 0) {
-            Acquire::Shed { severity } => assert!((0.5..=1.0).contains(&severity)),
+            Acquire::Shed { severity, bound } => {
+                assert!((0.5..=1.0).contains(&severity));
+                assert_eq!(bound, Bound::Concurrency);
+            }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(l.try_acquire(&store, S, 0), Acquire::Shed { .. }));
         let s = l.stats();
-        assert_eq!((s.in_flight_critical, s.in_flight_sheddable), (4, 6));
+        assert_eq!((s.in_flight_critical, s.in_flight_sheddable), (10, 6));
+        assert_eq!((s.shed_critical, s.shed_sheddable), (1, 1));
         for p in held {
             l.release(&store, p, done(1.0), 0);
         }
+        assert_eq!(global(&store), 0);
+    }
+
+    #[test]
+    fn the_reserve_follows_critical_demand_and_decays() {
+        let store = MemStore::new();
+        let mut l = Limiter::new(&fixed(100, 0.8), 8, 1);
+        assert_eq!(l.stats().sheddable_cap, 80, "no critical traffic: the share alone");
+        // A step of critical demand: 40 in flight. The reserve rises with it at once.
+        let crit: Vec<_> = (0..40).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
+        let reserve = l.stats().critical_reserve;
+        assert!(reserve >= 40 + RESERVE_SLACK, "reserve {reserve} for 40 critical in flight");
+        // Sheddable requests get only what is left: 100 - reserve.
+        let mut shed = Vec::new();
+        while let Acquire::Admitted(p) = l.try_acquire(&store, S, 0) {
+            shed.push(p);
+        }
+        assert_eq!(shed.len() as u32, 100 - reserve);
+        assert!(l.stats().in_flight <= 100);
+        // Critical demand goes away: the room comes back over seconds, not at once.
+        for p in crit.into_iter().chain(shed) {
+            l.release(&store, p, done(1.0), 1);
+        }
+        l.tick(&store, 100, true);
+        assert!(l.stats().sheddable_cap < 80, "one tick later the reserve is still held");
+        let mut t = 100;
+        while l.stats().sheddable_cap < 80 {
+            t += 100;
+            l.tick(&store, t, true);
+            assert!(t < 60_000, "the reserve never decayed");
+        }
+        assert!(t >= 2_000, "decayed within {t} ms: too fast to ride out a lull");
+        assert!(l.stats().critical_reserve <= 20);
+    }
+
+    #[test]
+    fn the_memory_ceiling_bounds_the_total_and_keeps_the_reserve() {
+        let store = MemStore::new();
+        let mut l = Limiter::new(&fixed(1000, 0.8), 8, 1);
+        l.set_memory_ceiling(Some(20));
+        let mut held: Vec<_> = (0..4).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
+        let reserve = l.stats().critical_reserve;
+        assert!(reserve >= 4 + RESERVE_SLACK, "reserve {reserve}");
+        while let Acquire::Admitted(p) = l.try_acquire(&store, S, 0) {
+            held.push(p);
+        }
+        assert_eq!(
+            l.stats().in_flight_sheddable,
+            20 - reserve,
+            "sheddable requests stop at the ceiling less the reserve"
+        );
+        // Critical requests still find the reserve, up to the ceiling and not beyond.
+        while let Acquire::Admitted(p) = l.try_acquire(&store, C, 0) {
+            held.push(p);
+        }
+        assert_eq!(global(&store), 20);
+        match l.try_acquire(&store, C, 0) {
+            Acquire::Shed { bound, .. } => assert_eq!(bound, Bound::Memory),
+            other => panic!("{other:?}"),
+        }
+        // A ceiling of 0 is read as 1: the store always makes progress.
+        for p in held {
+            l.release(&store, p, done(1.0), 1);
+        }
+        l.set_memory_ceiling(Some(0));
+        let one = ok(l.try_acquire(&store, C, 2));
+        assert!(matches!(l.try_acquire(&store, C, 2), Acquire::Shed { .. }));
+        l.set_memory_ceiling(None);
+        let two = ok(l.try_acquire(&store, C, 2));
+        for p in [one, two] {
+            l.release(&store, p, done(1.0), 3);
+        }
+        l.tick(&store, 4, true);
+        assert_eq!(global(&store), 0);
+    }
+
+    #[test]
+    fn a_memory_ceiling_counts_even_without_a_concurrency_limit() {
+        let store = MemStore::new();
+        let mut cfg = fixed(1, 1.0);
+        cfg.enabled = false;
+        let mut l = Limiter::new(&cfg, 8, 1);
+        l.set_memory_ceiling(Some(3));
+        let held: Vec<_> = (0..3).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
+        assert!(matches!(
+            l.try_acquire(&store, C, 0),
+            Acquire::Shed { bound: Bound::Memory, .. }
+        ));
+        for p in held {
+            l.release(&store, p, done(1.0), 1);
+        }
+        l.tick(&store, 2, true);
         assert_eq!(global(&store), 0);
     }
 
@@ -1352,8 +1608,8 @@ mod tests {
     #[test]
     fn cas_bound_on_acquire_sheds_sheddable_and_admits_critical_untracked() {
         let store = MemStore::new();
-        let mut l = Limiter::new(&fixed(3, 1.0), 4, 1);
-        let mut other = Limiter::new(&fixed(3, 1.0), 4, 2);
+        let mut l = Limiter::new(&fixed(16, 1.0), 4, 1);
+        let mut other = Limiter::new(&fixed(16, 1.0), 4, 2);
         let held = ok(other.try_acquire(&store, C, 0));
         let left = conflicts(&store);
         left.set(u32::MAX);
@@ -1380,6 +1636,8 @@ mod tests {
         assert_eq!(global(&store), 2);
         l.release(&store, untracked, done(1.0), 20);
         other.release(&store, held, done(1.0), 20);
+        l.tick(&store, 30, false);
+        other.tick(&store, 30, false);
         assert_eq!(global(&store), 0);
     }
 
@@ -1488,8 +1746,8 @@ mod tests {
     #[test]
     fn foreign_permits_and_endings_are_handled() {
         let store = MemStore::new();
-        let mut a = Limiter::new(&fixed(4, 1.0), 8, 1);
-        let mut b = Limiter::new(&fixed(4, 1.0), 8, 2);
+        let mut a = Limiter::new(&fixed(16, 1.0), 8, 1);
+        let mut b = Limiter::new(&fixed(16, 1.0), 8, 2);
         let p = ok(a.try_acquire(&store, C, 0));
         b.release(&store, p, done(1.0), 0);
         assert_eq!(b.stats().foreign_permits, 1);
@@ -1524,6 +1782,7 @@ mod tests {
                 "{ending:?}"
             );
         }
+        a.tick(&store, 1, true);
         assert_eq!(global(&store), 1);
     }
 
@@ -1673,6 +1932,8 @@ mod tests {
             },
             /// Memory pressure moves every VM's limit to this many eighths of it.
             Pressure(u8),
+            /// Every VM's memory ceiling (0 = none).
+            Ceiling(u8),
         }
 
         fn op(workers: usize, max_conflicts: u32) -> impl Strategy<Value = Op> {
@@ -1683,6 +1944,7 @@ mod tests {
                 1 => (0u64..5_000).prop_map(Op::Advance),
                 2 => (0..=max_conflicts).prop_map(Op::Conflicts),
                 1 => (1u8..=8).prop_map(Op::Pressure),
+                1 => (0u8..=8).prop_map(Op::Ceiling),
             ]
         }
 
@@ -1704,6 +1966,7 @@ mod tests {
             next_id: u64,
             held: Vec<(usize, Permit)>,
             now: u64,
+            ceiling: Option<u32>,
         }
 
         impl Sim {
@@ -1721,6 +1984,7 @@ mod tests {
                     next_id: workers as u64 + 1,
                     held: Vec::new(),
                     now: 0,
+                    ceiling: None,
                 }
             }
 
@@ -1733,12 +1997,21 @@ mod tests {
                         match self.ws[w].try_acquire(&self.store, crit, self.now) {
                             Acquire::Admitted(p) => {
                                 // Admitted only below the limit in force now (give-ups
-                                // aside), whatever the limit was when slots were kept.
+                                // aside), whatever the limit was when slots were kept:
+                                // critical requests by their own count, sheddable ones
+                                // by the total; the memory ceiling bounds the total.
                                 let limit = u64::from(self.ws[w].limit());
+                                let counted = if crit == C { before.0 } else { before.0 + before.1 };
                                 assert!(
-                                    u64::from(before.0 + before.1) < limit + self.untracked(),
-                                    "admitted with {before:?} in flight, limit {limit}"
+                                    u64::from(counted) < limit + self.untracked(),
+                                    "{crit:?} admitted with {before:?} in flight, limit {limit}"
                                 );
+                                if let Some(ceiling) = self.ceiling {
+                                    assert!(
+                                        u64::from(before.0 + before.1) < u64::from(ceiling) + self.untracked(),
+                                        "admitted with {before:?} in flight, ceiling {ceiling}"
+                                    );
+                                }
                                 if crit == S && self.untracked() == untracked {
                                     let cap = f64_to_u32(self.cfg.sheddable_share * limit as f64);
                                     assert!(
@@ -1749,7 +2022,7 @@ mod tests {
                                 self.held.push((w, p));
                             }
                             Acquire::ShadowShed(p) => self.held.push((w, p)),
-                            Acquire::Shed { severity } => assert!((0.0..=1.0).contains(&severity)),
+                            Acquire::Shed { severity, .. } => assert!((0.0..=1.0).contains(&severity)),
                         }
                     }
                     Op::Release { pick, ending: e } => {
@@ -1778,9 +2051,16 @@ mod tests {
                             l.set_pressure_factor(f64::from(eighths) / 8.0);
                         }
                     }
+                    Op::Ceiling(n) => {
+                        self.ceiling = (n > 0).then_some(u32::from(n));
+                        for l in &mut self.ws {
+                            l.set_memory_ceiling(self.ceiling);
+                        }
+                    }
                     Op::Crash { w } => {
                         self.next_id += 1;
                         self.ws[w] = Limiter::new(&self.cfg, 4, self.next_id);
+                        self.ws[w].set_memory_ceiling(self.ceiling);
                         // Its permits die with it (never released).
                         self.held.retain(|(hw, _)| *hw != w);
                     }
@@ -1835,8 +2115,9 @@ mod tests {
         proptest! {
             #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
-            /// Conflicts below the CAS bound: the limit and the sheddable share are
-            /// never exceeded, the table is exact after every operation.
+            /// Conflicts below the CAS bound: critical requests alone and sheddable
+            /// ones with everything else never pass the limit, sheddable ones never
+            /// their share, the table is exact after every operation.
             #[test]
             fn never_above_the_limit_and_back_to_zero(
                 ops in proptest::collection::vec(op(4, 3), 1..250),
@@ -1845,7 +2126,7 @@ mod tests {
                 for op in &ops {
                     sim.apply(op);
                     let (c, s) = sim.true_in_flight();
-                    prop_assert!(c + s <= 6, "{} in flight", c + s);
+                    prop_assert!(c <= 6, "{} critical in flight", c);
                     prop_assert!(s <= 3, "{} sheddable in flight", s);
                     let table = read_in_flight(&sim.store).unwrap_or_default();
                     prop_assert_eq!(table, InFlight { critical: c, sheddable: s });
@@ -1864,7 +2145,7 @@ mod tests {
                 for op in &ops {
                     sim.apply(op);
                     let (c, s) = sim.true_in_flight();
-                    prop_assert!(c + s <= 32, "{} in flight", c + s);
+                    prop_assert!(c <= 32, "{} critical in flight", c);
                     prop_assert!(s <= 16, "{} sheddable in flight", s);
                     let table = read_in_flight(&sim.store).unwrap_or_default();
                     prop_assert!(table.critical >= c && table.sheddable >= s, "{:?} < ({}, {})", table, c, s);
@@ -1887,7 +2168,8 @@ mod tests {
                 for op in &ops {
                     sim.apply(op);
                     let (c, s) = sim.true_in_flight();
-                    prop_assert!(u64::from(c + s) <= 8 + sim.untracked(), "{} in flight", c + s);
+                    prop_assert!(u64::from(c) <= 8 + sim.untracked(), "{} critical in flight", c);
+                    prop_assert!(u64::from(s) <= 6 + sim.untracked(), "{} sheddable in flight", s);
                     // Each VM's own count is exact, and the table never shows less
                     // than the VMs whose slot is synced hold.
                     let mut synced = 0;

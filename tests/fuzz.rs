@@ -1481,7 +1481,7 @@ fn fuzz_limiter_garbage_table() {
                     };
                     match limiter.try_acquire(&store, crit, now) {
                         Acquire::Admitted(p) | Acquire::ShadowShed(p) => held.push(p),
-                        Acquire::Shed { severity } => {
+                        Acquire::Shed { severity, .. } => {
                             assert!((0.0..=1.0).contains(&severity));
                             shed += 1;
                         }

@@ -1,9 +1,5 @@
-//! Per-request context: classify, decide, and account for every ending.
-//!
-//! Order of decisions on a request: a cached 404 first (it costs the store nothing),
-//! then memory pressure, admission control and the concurrency limit (which takes a
-//! slot, so it comes last), then negative-cache invalidation for writes and
-//! single-flight for reads of unknown keys.
+//! Per-request context: classify, carry out the core's verdict
+//! ([`crate::guard::Guard`]), and account for every ending.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,13 +8,12 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
-use crate::admission::Decision;
-use crate::classify::{classify, Class, Criticality, Op};
+use crate::classify::{classify, Class, Op};
+use crate::guard::{Flight, KeyRequest, Outstanding, Verdict};
 use crate::header_pairs;
-use crate::limiter::{Acquire, Completion, Ending, Permit};
-use crate::negcache::{Fill, Lookup, Mark, WriteTicket};
-use crate::reply::{self, Reply, ShedReason};
-use crate::singleflight::Join;
+use crate::limiter::{Completion, Ending, Permit};
+use crate::negcache::{Lookup, WriteTicket};
+use crate::reply::{self, Reply};
 
 use super::abi::{self, Headers};
 use super::store::HostStore;
@@ -96,77 +91,28 @@ impl Http {
         }
     }
 
-    fn decide(
-        &mut self,
-        w: &mut Worker,
-        crit: Criticality,
-        now_ms: u64,
-    ) -> Option<(ShedReason, f64)> {
-        let config = w.config.clone();
-        if config.memory.enabled {
-            let u = w.rng.next_f64();
-            if let Some(severity) = w.pressure.as_ref().and_then(|p| p.decide(crit, u)) {
-                if config.memory.enforce {
-                    return Some((ShedReason::Memory, severity));
-                }
-                w.counts.would_shed[ShedReason::Memory.index()] += 1;
-            }
-        }
-        let u = w.rng.next_f64();
-        match w.admission.decide(crit, u) {
-            Decision::Admit => {}
-            Decision::Reject { severity } => return Some((ShedReason::Admission, severity)),
-            Decision::ShadowReject => w.counts.would_shed[ShedReason::Admission.index()] += 1,
-        }
-        match w.limiter.try_acquire(&HostStore, crit, now_ms) {
-            Acquire::Admitted(permit) => self.permit = Some(permit),
-            Acquire::ShadowShed(permit) => {
-                self.permit = Some(permit);
-                w.counts.would_shed[ShedReason::Concurrency.index()] += 1;
-            }
-            Acquire::Shed { severity } => return Some((ShedReason::Concurrency, severity)),
-        }
-        None
-    }
-
-    /// Settles the response: ends the write, fills or marks the cache, wakes waiters.
-    /// Runs before the client sees the response, so that once a POST's 201 has been
-    /// received no GET can be answered from a 404 cached before it.
+    /// Settles the response ([`crate::guard::Guard::settle`]) once, and keeps the
+    /// waiters to wake for `on_log`.
     fn on_response(&mut self, w: &mut Worker, status: Option<u32>, now_ms: u64) {
-        if std::mem::replace(&mut self.responded, true) {
+        // A local answer (shed, cached, a leader's 404) settled nothing upstream.
+        if std::mem::replace(&mut self.responded, true) || self.local {
             return;
         }
         let Some(fp) = self.fp else { return };
-        let store = HostStore;
-        let success = status.is_some_and(|s| (200..300).contains(&s));
-        match (self.op, self.write.take()) {
-            (Op::Write, Some(_)) => {
-                w.cache.end_write(&store, fp, success, now_ms);
-            }
-            (Op::Delete, Some(ticket)) => {
-                w.cache
-                    .end_delete(&store, fp, ticket, status == Some(204), now_ms);
-            }
-            (Op::Read, _) if !self.local => {
-                let Some(lookup) = self.lookup else { return };
-                let is_404 = status == Some(404) && is_store_problem();
-                let mut cached = false;
-                if is_404 && w.config.negative_cache.enabled {
-                    cached = w
-                        .cache
-                        .insert_missing(&store, fp, lookup.generation, now_ms)
-                        == Fill::Inserted;
-                } else if status == Some(200) {
-                    w.cache.mark_exists(&store, fp, &lookup, now_ms);
-                }
-                if self.leader {
-                    // Waiters get the 404 only if it could be cached: a write that
-                    // touched the key meanwhile sends them to the store instead.
-                    self.wake_later = Some(w.flights.complete(fp, self.id, cached));
-                    self.woke_cached = cached;
-                }
-            }
-            _ => {}
+        let req = KeyRequest {
+            op: self.op,
+            fp,
+            id: self.id,
+        };
+        let outstanding = Outstanding {
+            write: self.write.take(),
+            lookup: self.lookup,
+            leader: self.leader,
+        };
+        let guard = &mut w.guard();
+        if let Some(wake) = guard.settle(&HostStore, req, outstanding, status, is_store_problem, now_ms) {
+            self.woke_cached = wake.found_missing;
+            self.wake_later = Some(wake.ids);
         }
     }
 }
@@ -277,73 +223,57 @@ impl HttpContext for Http {
         let now_ns = clock_ns(&mut w, timed);
         let now_ms = now_ns / 1_000_000;
         self.seen_ms = now_ms;
-        self.fp = request.key.as_deref().map(|k| w.cache.fingerprint(k));
-
-        let mut known = false;
-        if let (Op::Read, Some(fp)) = (self.op, self.fp) {
-            let lookup = w.cache.lookup(&HostStore, fp, now_ms);
-            self.lookup = Some(lookup);
-            match lookup.mark {
-                Mark::Missing if config.negative_cache.enabled => {
-                    if config.negative_cache.enforce {
-                        w.counts.requests[Class::ReadUnknown.index()] += 1;
-                        w.counts.cache_hits += 1;
-                        self.send(
-                            &reply::cached_not_found(path),
-                            "sessionguard_negative_cache",
+        let Some(key) = request.key.as_deref() else {
+            return Action::Continue;
+        };
+        let fp = w.cache.fingerprint(key);
+        self.fp = Some(fp);
+        let req = KeyRequest {
+            op: self.op,
+            fp,
+            id: self.id,
+        };
+        match w.guard().decide(&HostStore, req, now_ms) {
+            Verdict::CachedMissing => {
+                self.send(
+                    &reply::cached_not_found(path),
+                    "sessionguard_negative_cache",
+                );
+                if self.local {
+                    return Action::Pause;
+                }
+            }
+            Verdict::Shed {
+                reason,
+                retry_after_secs,
+                ..
+            } => {
+                self.send(
+                    &reply::overloaded(reason, path, retry_after_secs),
+                    "sessionguard_shed",
+                );
+                if self.local {
+                    return Action::Pause;
+                }
+            }
+            Verdict::Forward(fwd) => {
+                self.permit = fwd.permit;
+                self.lookup = fwd.lookup;
+                self.write = fwd.write;
+                match fwd.flight {
+                    Flight::Leader => self.leader = true,
+                    Flight::Wait => {
+                        w.waiters.insert(
+                            self.id,
+                            Waiter {
+                                fp,
+                                path: path.to_string(),
+                            },
                         );
-                        if self.local {
-                            return Action::Pause;
-                        }
-                    } else {
-                        w.counts.cache_would_hit += 1;
+                        return Action::Pause;
                     }
+                    Flight::None => {}
                 }
-                Mark::Exists => known = true,
-                _ => {}
-            }
-        }
-
-        let class = Class::of(self.op, known);
-        w.counts.requests[class.index()] += 1;
-        let crit = config.priorities.of(class);
-        if let Some((reason, severity)) = self.decide(&mut w, crit, now_ms) {
-            let crit_index = usize::from(crit == Criticality::Sheddable);
-            w.counts.shed[reason.index()][crit_index] += 1;
-            let u = w.rng.next_f64();
-            let secs = config.retry_after.seconds(severity, u);
-            self.send(&reply::overloaded(reason, path, secs), "sessionguard_shed");
-            if self.local {
-                return Action::Pause;
-            }
-        }
-
-        if let Some(fp) = self.fp {
-            match self.op {
-                Op::Write | Op::Delete => {
-                    self.write = Some(w.cache.begin_write(&HostStore, fp, now_ms));
-                }
-                Op::Read
-                    if class == Class::ReadUnknown
-                        && config.negative_cache.enabled
-                        && config.negative_cache.enforce =>
-                {
-                    match w.flights.join(fp, self.id, now_ms) {
-                        Join::Leader => self.leader = true,
-                        Join::Wait => {
-                            w.waiters.insert(
-                                self.id,
-                                Waiter {
-                                    fp,
-                                    path: path.to_string(),
-                                },
-                            );
-                            return Action::Pause;
-                        }
-                        Join::Bypass => {}
-                    }
-                }
-                _ => {}
             }
         }
         if timed {

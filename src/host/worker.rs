@@ -7,35 +7,21 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::admission::Admission;
-use crate::classify::Class;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::election::Election;
 use crate::fingerprint::{init_seed, read_seed};
+use crate::guard::{Guard, Tally};
 use crate::keytable::OccupancyScan;
 use crate::limiter::Limiter;
 use crate::negcache::NegCache;
 use crate::pressure::{PressureSnapshot, PressureTracker};
-use crate::reply::ShedReason;
 use crate::rng::Rng;
 use crate::singleflight::{Limits, SingleFlight};
 
 use super::abi;
 use super::metrics::Metrics;
 use super::store::HostStore;
-
-/// Counts kept per VM and exported as metric deltas on each tick, so the request
-/// path makes no metric hostcalls.
-#[derive(Default, Clone)]
-pub struct Counts {
-    pub requests: [u64; Class::ALL.len()],
-    /// Shed, by reason and criticality (0 = critical, 1 = sheddable).
-    pub shed: [[u64; 2]; ShedReason::ALL.len()],
-    pub would_shed: [u64; ShedReason::ALL.len()],
-    pub cache_hits: u64,
-    pub cache_would_hit: u64,
-    pub coalesced: u64,
-}
 
 /// A request paused behind another one for the same missing key.
 pub struct Waiter {
@@ -74,7 +60,7 @@ pub struct Worker {
     /// Which requests read the clock; the last reading for the others.
     pub clock: Clock,
     pub pressure: Option<PressureSnapshot>,
-    pub counts: Counts,
+    pub counts: Tally,
     occupancy: OccupancyScan,
 }
 
@@ -112,12 +98,26 @@ impl Worker {
             woken: HashMap::new(),
             clock: Clock::default(),
             pressure: None,
-            counts: Counts::default(),
+            counts: Tally::default(),
             occupancy: OccupancyScan::new(),
             config,
             metrics,
             rng,
             vm_id,
+        }
+    }
+
+    /// The decision pipeline over this VM's mechanisms.
+    pub fn guard(&mut self) -> Guard<'_> {
+        Guard {
+            config: &self.config,
+            pressure: self.pressure.as_ref(),
+            admission: &mut self.admission,
+            limiter: &mut self.limiter,
+            cache: &mut self.cache,
+            flights: &mut self.flights,
+            rng: &mut self.rng,
+            tally: &mut self.counts,
         }
     }
 
@@ -204,6 +204,7 @@ impl Worker {
         );
         m.in_flight.set(u64::from(lim.in_flight));
         m.limit.set(u64::from(lim.limit));
+        m.critical_reserve.set(u64::from(lim.critical_reserve));
         m.min_rtt_us.set_scaled(lim.min_rtt_ms, 1000.0);
         m.sample_rtt_us.set_scaled(lim.sample_rtt_ms, 1000.0);
         m.rejection_permille
