@@ -1482,11 +1482,18 @@ mod tests {
     fn the_reserve_follows_critical_demand_and_decays() {
         let store = MemStore::new();
         let mut l = Limiter::new(&fixed(100, 0.8), 8, 1);
-        assert_eq!(l.stats().sheddable_cap, 80, "no critical traffic: the share alone");
+        assert_eq!(
+            l.stats().sheddable_cap,
+            80,
+            "no critical traffic: the share alone"
+        );
         // A step of critical demand: 40 in flight. The reserve rises with it at once.
         let crit: Vec<_> = (0..40).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
         let reserve = l.stats().critical_reserve;
-        assert!(reserve >= 40 + RESERVE_SLACK, "reserve {reserve} for 40 critical in flight");
+        assert!(
+            reserve >= 40 + RESERVE_SLACK,
+            "reserve {reserve} for 40 critical in flight"
+        );
         // Sheddable requests get only what is left: 100 - reserve.
         let mut shed = Vec::new();
         while let Acquire::Admitted(p) = l.try_acquire(&store, S, 0) {
@@ -1499,14 +1506,20 @@ mod tests {
             l.release(&store, p, done(1.0), 1);
         }
         l.tick(&store, 100, true);
-        assert!(l.stats().sheddable_cap < 80, "one tick later the reserve is still held");
+        assert!(
+            l.stats().sheddable_cap < 80,
+            "one tick later the reserve is still held"
+        );
         let mut t = 100;
         while l.stats().sheddable_cap < 80 {
             t += 100;
             l.tick(&store, t, true);
             assert!(t < 60_000, "the reserve never decayed");
         }
-        assert!(t >= 2_000, "decayed within {t} ms: too fast to ride out a lull");
+        assert!(
+            t >= 2_000,
+            "decayed within {t} ms: too fast to ride out a lull"
+        );
         assert!(l.stats().critical_reserve <= 20);
     }
 
@@ -1561,7 +1574,10 @@ mod tests {
         let held: Vec<_> = (0..3).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
         assert!(matches!(
             l.try_acquire(&store, C, 0),
-            Acquire::Shed { bound: Bound::Memory, .. }
+            Acquire::Shed {
+                bound: Bound::Memory,
+                ..
+            }
         ));
         for p in held {
             l.release(&store, p, done(1.0), 1);
@@ -2001,14 +2017,19 @@ mod tests {
                                 // critical requests by their own count, sheddable ones
                                 // by the total; the memory ceiling bounds the total.
                                 let limit = u64::from(self.ws[w].limit());
-                                let counted = if crit == C { before.0 } else { before.0 + before.1 };
+                                let counted = if crit == C {
+                                    before.0
+                                } else {
+                                    before.0 + before.1
+                                };
                                 assert!(
                                     u64::from(counted) < limit + self.untracked(),
                                     "{crit:?} admitted with {before:?} in flight, limit {limit}"
                                 );
                                 if let Some(ceiling) = self.ceiling {
                                     assert!(
-                                        u64::from(before.0 + before.1) < u64::from(ceiling) + self.untracked(),
+                                        u64::from(before.0 + before.1)
+                                            < u64::from(ceiling) + self.untracked(),
                                         "admitted with {before:?} in flight, ceiling {ceiling}"
                                     );
                                 }
@@ -2022,7 +2043,9 @@ mod tests {
                                 self.held.push((w, p));
                             }
                             Acquire::ShadowShed(p) => self.held.push((w, p)),
-                            Acquire::Shed { severity, .. } => assert!((0.0..=1.0).contains(&severity)),
+                            Acquire::Shed { severity, .. } => {
+                                assert!((0.0..=1.0).contains(&severity))
+                            }
                         }
                     }
                     Op::Release { pick, ending: e } => {

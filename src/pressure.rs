@@ -227,8 +227,8 @@ impl Default for MemoryConfig {
                 "go_memstats_heap_inuse_bytes".to_string(),
                 "go_memstats_stack_inuse_bytes".to_string(),
             ],
-            soft: 0.55,
-            hard: 0.68,
+            soft: 0.65,
+            hard: 0.78,
             critical: 0.78,
             critical_max_shed: 0.0,
             min_limit_factor: 1.0,
@@ -871,7 +871,7 @@ impl PressureTracker {
         // memory less what it can reuse), raw, not smoothed.
         let memory = demand_bytes.unwrap_or(ceiling_bytes);
         ep.estimator.observe(in_flight, memory, start_time);
-        let max_in_flight = ceiling::ceiling(in_flight, memory, line, ep.estimator.per_request());
+        let max_in_flight = ep.estimator.ceiling(in_flight, memory, line);
         ep.max_in_flight = Some(max_in_flight);
         ep.rising = continuous && memory - ep.last_demand > RISING_SHARE * limit;
         ep.last_demand = memory;
@@ -2253,19 +2253,23 @@ mod tests {
             peak = peak.max(mem(n));
         }
         assert!(peak <= 0.78 * limit, "peak {:.3}", peak / limit);
+        // Cheaper than the prior: the prior holds, and the ceiling is the headroom
+        // at that cost (36/64 of what the store could hold).
         let (c, b) = t.ceilings().next().unwrap();
-        assert!((b - 36.0 * 1024.0).abs() < 0.1 * 36.0 * 1024.0, "{b}");
-        // Close to what the headroom allows (not far fewer).
-        let allows = (0.78 * limit - 20.0 * mi) / (36.0 * 1024.0);
+        assert_eq!(b, PRIOR);
+        let allows = (0.78 * limit - 20.0 * mi) / PRIOR;
         assert!(
-            f64::from(c) > 0.9 * allows && f64::from(c) <= allows + 1.0,
+            f64::from(c) > allows - 2.0 && f64::from(c) <= allows + 3.0,
             "{c} {allows}"
         );
     }
 
     #[test]
     fn without_a_young_sample_the_ceiling_relaxes_to_the_headroom_at_rest() {
-        let mut t = PressureTracker::new(&cfg());
+        let mut t = PressureTracker::new(&MemoryConfig {
+            bytes_per_request: Some(PRIOR as u64),
+            ..cfg()
+        });
         // The store at rest, then over the line with 100 in flight (memory that the
         // requests do not explain): the minimum.
         let r = t.on_sample(0, &body(0.3, 0.3), 10, 0).unwrap();

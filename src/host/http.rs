@@ -110,7 +110,14 @@ impl Http {
             leader: self.leader,
         };
         let guard = &mut w.guard();
-        if let Some(wake) = guard.settle(&HostStore, req, outstanding, status, is_store_problem, now_ms) {
+        if let Some(wake) = guard.settle(
+            &HostStore,
+            req,
+            outstanding,
+            status,
+            is_store_problem,
+            now_ms,
+        ) {
             self.woke_cached = wake.found_missing;
             self.wake_later = Some(wake.ids);
         }
