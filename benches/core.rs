@@ -15,6 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 use sessionguard::classify::{classify, Criticality};
 use sessionguard::config::Config;
+use sessionguard::gradient::Lane;
 use sessionguard::guard::{Flight, KeyRequest, Outstanding, Verdict, Vm};
 use sessionguard::limiter::{Acquire, Completion, Ending, LimitMode, Limiter};
 use sessionguard::negcache::{Mark, NegCache};
@@ -73,6 +74,7 @@ fn admit_and_release(lim: &mut Limiter, store: &MemStore) {
     let done = Completion {
         rtt_ms: Some(0.3),
         ending: Ending::Response(200),
+        lane: Lane::Read,
     };
     lim.release(store, permit, done, NOW_MS);
 }
@@ -439,6 +441,7 @@ impl Core {
             let done = Completion {
                 rtt_ms: Some(0.3),
                 ending,
+                lane: Lane::Read,
             };
             self.vm.limiter.release(&self.store, permit, done, NOW_MS);
         }

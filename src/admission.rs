@@ -730,7 +730,7 @@ mod tests {
         let store = MemStore::new();
         let mut a = Admission::new(&cfg(10, 10), 8);
         // Half the traffic critical, each request forwarded whatever the decision.
-        let mut second = |a: &mut Admission, now: &mut u64, failing: bool| {
+        let second = |a: &mut Admission, now: &mut u64, failing: bool| {
             for tenth in 0..10 {
                 for i in 0..10 {
                     let _ = a.decide(if i % 2 == 0 { C } else { S }, 0.999);

@@ -14,6 +14,18 @@
 //! L      = clamp(L * (1 - smoothing) + target * smoothing, min_limit, max_limit)
 //! ```
 //!
+//! # Reads and writes are judged apart
+//!
+//! A store's operations can differ in latency by orders of magnitude (Kask in front
+//! of Cassandra: reads wait on a quorum, writes may be fast; a test store delaying
+//! reads by a second). One baseline for all of them is the wrong model: a burst of
+//! fast writes (a prefill, a wave of logins) sets the bar, and reads at their own,
+//! stable latency then look like overload and drive the limit to its floor. So each
+//! [`Lane`] (reads; writes and deletes) has its own window, baseline ring and
+//! gradient, and the step takes the **lowest** lane gradient: a queue in front of the
+//! store inflates every lane alike, while a lane's own, stable latency leaves its
+//! gradient at `tolerance`. A lane with too few samples keeps accumulating.
+//!
 //! # Differences from Envoy's `adaptive_concurrency` and Netflix Gradient2
 //!
 //! - **No probe.** Envoy pins the limit to 3 to re-measure minRTT, which causes 503
@@ -40,31 +52,34 @@
 //!
 //! # Where the data lives
 //!
-//! Workers record RTTs into a per-worker [`RttHistogram`] (no hostcall per request),
-//! and on each tick CAS-merge it, with their peak in-flight, into the one shared key
+//! Workers record RTTs into a per-worker [`RttHistogram`] per [`Lane`] (no hostcall
+//! per request), and on each tick CAS-merge them, with their peak in-flight, into the one shared key
 //! [`GRADIENT_KEY`], which also holds the controller state. The leader's step runs in
 //! the same CAS update, so the window it consumes and the state it writes are one
 //! atomic change. Every worker reads the limit back on its tick and caches it.
 //!
-//! `GRADIENT_KEY` layout (little-endian, 632 bytes):
+//! `GRADIENT_KEY` layout (little-endian, 1,248 bytes):
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 4 | magic `SGg1` |
+//! | 0 | 4 | magic `SGg2` |
 //! | 4 | 8 | limit (f64, fractional, before rounding down) |
-//! | 12 | 8 | baseline RTT ms (f64; NaN = not learned yet) |
-//! | 20 | 8 | sample RTT ms of the last window (f64; NaN = none yet) |
+//! | 12 | 8 | baseline RTT ms of the lane that decided the last step (f64; NaN = none) |
+//! | 20 | 8 | sample RTT ms of that lane's last window (f64; NaN = none yet) |
 //! | 28 | 8 | gradient of the last step (f64, clamped to [0.5, 2]) |
 //! | 36 | 8 | last step time, ms (u64) |
 //! | 44 | 4 | peak global in-flight seen during the window (u32) |
-//! | 48 | 4 | ring position (u32) |
-//! | 52 | 4 | windows folded into the current ring slot (u32) |
-//! | 56 | 64 | ring: 8 × f64 window-median minima (NaN = empty) |
-//! | 120 | 512 | RTT histogram of the current window: 128 × u32 counts |
+//! | 48 + 600·l | 8 | lane l (0 reads, 1 writes): baseline RTT ms (f64; NaN = not learned yet) |
+//! | 56 + 600·l | 8 | lane l: median of its last evaluated window (f64) |
+//! | 64 + 600·l | 4 | lane l: ring position (u32) |
+//! | 68 + 600·l | 4 | lane l: windows folded into the current ring slot (u32) |
+//! | 72 + 600·l | 64 | lane l: ring, 8 × f64 window-median minima (NaN = empty) |
+//! | 136 + 600·l | 512 | lane l: RTT histogram of the current window, 128 × u32 counts |
 //!
 //! Anything else (other length, other magic) decodes as "no state" and is
 //! overwritten with a fresh state starting at the configured `limit`.
 
+use crate::classify::Op;
 use crate::limiter::{ConcurrencyConfig, LimitMode};
 use crate::shared::{update, SharedStore, UpdateError};
 use crate::wire::{f64_to_u32, Reader};
@@ -72,7 +87,7 @@ use crate::wire::{f64_to_u32, Reader};
 /// The shared key holding the controller state and the current RTT window.
 pub const GRADIENT_KEY: &str = "sg.v1.gradient";
 
-const MAGIC: [u8; 4] = *b"SGg1";
+const MAGIC: [u8; 4] = *b"SGg2";
 
 /// Number of histogram buckets.
 pub const BUCKETS: usize = 128;
@@ -93,7 +108,8 @@ pub const BASELINE_RISE_PER_WINDOW: f64 = 0.05;
 const GRADIENT_MIN: f64 = 0.5;
 const GRADIENT_MAX: f64 = 2.0;
 
-const STATE_LEN: usize = 4 + 8 * 4 + 8 + 4 * 3 + 8 * RING_SLOTS + 4 * BUCKETS;
+const LANE_LEN: usize = 8 * 2 + 4 * 2 + 8 * RING_SLOTS + 4 * BUCKETS;
+const STATE_LEN: usize = 4 + 8 * 4 + 8 + 4 + LANE_LEN * LANES;
 
 /// Fixed-size log histogram of RTTs (ms), 0.05 ms .. ~130 s at 12% resolution.
 #[derive(Clone, PartialEq, Eq)]
@@ -218,31 +234,56 @@ impl RttHistogram {
     }
 }
 
-/// The controller state shared by all workers (see the module docs for the layout).
+/// Which latency a request's RTT is judged against: reads and writes of a store
+/// can differ by orders of magnitude (a Cassandra read vs an in-memory write), so
+/// each has its own baseline and window, and neither sets the bar for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// GET (and anything that is not a write).
+    Read,
+    /// POST and DELETE.
+    Write,
+}
+
+/// Number of [`Lane`]s.
+pub const LANES: usize = 2;
+
+impl Lane {
+    pub const ALL: [Lane; LANES] = [Lane::Read, Lane::Write];
+
+    pub fn of(op: Op) -> Lane {
+        match op {
+            Op::Write | Op::Delete => Lane::Write,
+            Op::Read | Op::Other => Lane::Read,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One window of RTTs per lane.
+pub type Windows = [RttHistogram; LANES];
+
+/// What the controller keeps per lane (see the module docs for the layout).
 #[derive(Debug, Clone, PartialEq)]
-pub struct GradientState {
-    pub limit: f64,
+pub struct LaneState {
+    /// Baseline RTT of this lane (NaN = not learned yet).
     pub baseline_ms: f64,
+    /// Median of this lane's last evaluated window (NaN = none yet).
     pub sample_ms: f64,
-    pub gradient: f64,
-    pub last_step_ms: u64,
-    pub peak_in_flight: u32,
     ring_pos: u32,
     slot_windows: u32,
     ring: [f64; RING_SLOTS],
     pub window: RttHistogram,
 }
 
-impl GradientState {
-    /// A fresh state: the configured starting limit, nothing learned yet.
-    pub fn initial(start_limit: f64) -> Self {
+impl LaneState {
+    fn initial() -> Self {
         Self {
-            limit: start_limit,
             baseline_ms: f64::NAN,
             sample_ms: f64::NAN,
-            gradient: 1.0,
-            last_step_ms: 0,
-            peak_in_flight: 0,
             ring_pos: 0,
             slot_windows: 0,
             ring: [f64::NAN; RING_SLOTS],
@@ -250,14 +291,11 @@ impl GradientState {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(STATE_LEN);
-        out.extend_from_slice(&MAGIC);
-        for v in [self.limit, self.baseline_ms, self.sample_ms, self.gradient] {
+    fn encode(&self, out: &mut Vec<u8>) {
+        for v in [self.baseline_ms, self.sample_ms] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&self.last_step_ms.to_le_bytes());
-        for v in [self.peak_in_flight, self.ring_pos, self.slot_windows] {
+        for v in [self.ring_pos, self.slot_windows] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         for v in self.ring {
@@ -266,63 +304,26 @@ impl GradientState {
         for c in self.window.counts {
             out.extend_from_slice(&c.to_le_bytes());
         }
-        out
     }
 
-    /// Decodes a state; `None` for anything that is not exactly our layout. Values
-    /// that decode but make no sense (NaN limit, ring position out of range) are
-    /// repaired here, so the controller only ever sees sane numbers.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != STATE_LEN {
-            return None;
-        }
-        let mut r = Reader::new(bytes);
-        if r.take::<4>()? != MAGIC {
-            return None;
-        }
-        let limit = r.f64()?;
-        let baseline_ms = r.f64()?;
-        let sample_ms = r.f64()?;
-        let gradient = r.f64()?;
-        let last_step_ms = r.u64()?;
-        let peak_in_flight = r.u32()?;
+    /// Decodes one lane; values that make no sense are repaired, not trusted.
+    fn decode(r: &mut Reader<'_>) -> Option<Self> {
+        let baseline_ms = sane(r.f64()?);
+        let sample_ms = sane(r.f64()?);
         let ring_pos = r.u32()?;
         let slot_windows = r.u32()?;
         let mut ring = [f64::NAN; RING_SLOTS];
         for slot in ring.iter_mut() {
-            let v = r.f64()?;
-            *slot = if v.is_finite() && v > 0.0 {
-                v
-            } else {
-                f64::NAN
-            };
+            *slot = sane(r.f64()?);
         }
         let mut window = RttHistogram::default();
         for c in window.counts.iter_mut() {
             *c = r.u32()?;
         }
         window.recount();
-        if !r.is_done() {
-            return None;
-        }
-        let sane = |v: f64| {
-            if v.is_finite() && v > 0.0 {
-                v
-            } else {
-                f64::NAN
-            }
-        };
         Some(Self {
-            limit: if limit.is_finite() { limit } else { f64::NAN },
-            baseline_ms: sane(baseline_ms),
-            sample_ms: sane(sample_ms),
-            gradient: if gradient.is_finite() {
-                gradient.clamp(GRADIENT_MIN, GRADIENT_MAX)
-            } else {
-                1.0
-            },
-            last_step_ms,
-            peak_in_flight,
+            baseline_ms,
+            sample_ms,
             ring_pos: if (ring_pos as usize) < RING_SLOTS {
                 ring_pos
             } else {
@@ -332,12 +333,6 @@ impl GradientState {
             ring,
             window,
         })
-    }
-
-    /// Folds one worker's window into the shared one.
-    pub fn merge(&mut self, samples: &RttHistogram, peak_in_flight: u32) {
-        self.window.merge(samples);
-        self.peak_in_flight = self.peak_in_flight.max(peak_in_flight);
     }
 
     fn ring_min(&self) -> Option<f64> {
@@ -367,6 +362,133 @@ impl GradientState {
             self.ring_pos = next as u32;
             self.slot_windows = 0;
         }
+    }
+
+    /// Evaluates this lane's window, if it has enough samples: its median joins the
+    /// baseline ring, the baseline moves, the window starts anew. Returns
+    /// `tolerance × baseline / sample` (the lane's gradient, unclamped).
+    fn evaluate(&mut self, ctl: &Controller) -> Option<f64> {
+        if self.window.total() < MIN_SAMPLES {
+            return None;
+        }
+        let sample = self
+            .window
+            .percentile(SAMPLE_PERCENTILE)
+            .filter(|s| s.is_finite() && *s > 0.0)?;
+        self.push_window_median(sample);
+        let target = self.ring_min().unwrap_or(sample);
+        let old = self.baseline_ms;
+        let baseline = match ctl.pinned_ms {
+            Some(pinned) => pinned,
+            None if !(old.is_finite() && old > 0.0) => target,
+            None if target <= old => target,
+            None => target.min(old * (1.0 + BASELINE_RISE_PER_WINDOW)),
+        };
+        self.baseline_ms = baseline;
+        self.sample_ms = sample;
+        self.window.clear();
+        let raw = ctl.tolerance * baseline / sample;
+        Some(if raw.is_finite() { raw } else { 1.0 })
+    }
+}
+
+/// A positive finite value, else NaN.
+fn sane(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 {
+        v
+    } else {
+        f64::NAN
+    }
+}
+
+/// The controller state shared by all workers (see the module docs for the layout).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientState {
+    pub limit: f64,
+    /// Baseline and sample of the lane that decided the last step.
+    pub baseline_ms: f64,
+    pub sample_ms: f64,
+    pub gradient: f64,
+    pub last_step_ms: u64,
+    pub peak_in_flight: u32,
+    pub lanes: [LaneState; LANES],
+}
+
+impl GradientState {
+    /// A fresh state: the configured starting limit, nothing learned yet.
+    pub fn initial(start_limit: f64) -> Self {
+        Self {
+            limit: start_limit,
+            baseline_ms: f64::NAN,
+            sample_ms: f64::NAN,
+            gradient: 1.0,
+            last_step_ms: 0,
+            peak_in_flight: 0,
+            lanes: [LaneState::initial(), LaneState::initial()],
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(STATE_LEN);
+        out.extend_from_slice(&MAGIC);
+        for v in [self.limit, self.baseline_ms, self.sample_ms, self.gradient] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.last_step_ms.to_le_bytes());
+        out.extend_from_slice(&self.peak_in_flight.to_le_bytes());
+        for lane in &self.lanes {
+            lane.encode(&mut out);
+        }
+        out
+    }
+
+    /// Decodes a state; `None` for anything that is not exactly our layout. Values
+    /// that decode but make no sense (NaN limit, ring position out of range) are
+    /// repaired here, so the controller only ever sees sane numbers.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != STATE_LEN {
+            return None;
+        }
+        let mut r = Reader::new(bytes);
+        if r.take::<4>()? != MAGIC {
+            return None;
+        }
+        let limit = r.f64()?;
+        let baseline_ms = sane(r.f64()?);
+        let sample_ms = sane(r.f64()?);
+        let gradient = r.f64()?;
+        let last_step_ms = r.u64()?;
+        let peak_in_flight = r.u32()?;
+        let lanes = [LaneState::decode(&mut r)?, LaneState::decode(&mut r)?];
+        if !r.is_done() {
+            return None;
+        }
+        Some(Self {
+            limit: if limit.is_finite() { limit } else { f64::NAN },
+            baseline_ms,
+            sample_ms,
+            gradient: if gradient.is_finite() {
+                gradient.clamp(GRADIENT_MIN, GRADIENT_MAX)
+            } else {
+                1.0
+            },
+            last_step_ms,
+            peak_in_flight,
+            lanes,
+        })
+    }
+
+    /// Folds one worker's windows into the shared ones.
+    pub fn merge(&mut self, samples: &Windows, peak_in_flight: u32) {
+        for (lane, w) in self.lanes.iter_mut().zip(samples) {
+            lane.window.merge(w);
+        }
+        self.peak_in_flight = self.peak_in_flight.max(peak_in_flight);
+    }
+
+    /// Samples waiting in the lanes' windows.
+    pub fn pending_samples(&self) -> u64 {
+        self.lanes.iter().map(|l| l.window.total()).sum()
     }
 }
 
@@ -436,34 +558,27 @@ impl Controller {
         now_ms < state.last_step_ms || now_ms - state.last_step_ms >= self.interval_ms
     }
 
-    /// The leader's periodic step: evaluate the window, move the limit, start a new
-    /// window. In fixed mode it still measures (for the gauges) but holds the limit.
+    /// The leader's periodic step: evaluate each lane's window, move the limit, start
+    /// new windows. The lane with the lowest gradient decides (a queue in front of
+    /// the store inflates every lane; one lane's own latency does not). A lane with
+    /// too few samples keeps accumulating. In fixed mode it still measures (for the
+    /// gauges) but holds the limit.
     pub fn step(&self, state: &mut GradientState, now_ms: u64) -> Step {
         if !self.is_due(state, now_ms) {
             return Step::NotDue;
         }
         state.last_step_ms = now_ms;
-        if state.window.total() < MIN_SAMPLES {
-            return Step::TooFewSamples;
+        let mut decided: Option<(f64, usize)> = None;
+        for (i, lane) in state.lanes.iter_mut().enumerate() {
+            if let Some(raw) = lane.evaluate(self) {
+                if decided.is_none_or(|(r, _)| raw < r) {
+                    decided = Some((raw, i));
+                }
+            }
         }
-        let Some(sample) = state
-            .window
-            .percentile(SAMPLE_PERCENTILE)
-            .filter(|s| s.is_finite() && *s > 0.0)
-        else {
+        let Some((raw, lane)) = decided else {
             return Step::TooFewSamples;
         };
-        state.push_window_median(sample);
-        let target = state.ring_min().unwrap_or(sample);
-        let old = state.baseline_ms;
-        let baseline = match self.pinned_ms {
-            Some(pinned) => pinned,
-            None if !(old.is_finite() && old > 0.0) => target,
-            None if target <= old => target,
-            None => target.min(old * (1.0 + BASELINE_RISE_PER_WINDOW)),
-        };
-        let raw = self.tolerance * baseline / sample;
-        let raw = if raw.is_finite() { raw } else { 1.0 };
         let limit = if state.limit.is_finite() {
             state.limit.clamp(self.min_limit, self.max_limit)
         } else {
@@ -485,11 +600,12 @@ impl Controller {
         } else {
             limit
         };
-        state.baseline_ms = baseline;
-        state.sample_ms = sample;
+        if let Some(l) = state.lanes.get(lane) {
+            state.baseline_ms = l.baseline_ms;
+            state.sample_ms = l.sample_ms;
+        }
         state.gradient = raw.clamp(GRADIENT_MIN, GRADIENT_MAX);
         state.peak_in_flight = 0;
-        state.window.clear();
         Step::Updated
     }
 }
@@ -521,7 +637,7 @@ pub fn sync<S: SharedStore + ?Sized>(
     store: &S,
     cas_attempts: u32,
     ctl: &Controller,
-    local: &RttHistogram,
+    local: &Windows,
     local_peak: u32,
     is_leader: bool,
     now_ms: u64,
@@ -532,7 +648,7 @@ pub fn sync<S: SharedStore + ?Sized>(
         let decoded = current.and_then(GradientState::decode);
         let fresh = decoded.is_none();
         let mut state = decoded.unwrap_or_else(|| ctl.initial_state());
-        let has_local = !local.is_empty() || local_peak > state.peak_in_flight;
+        let has_local = local.iter().any(|w| !w.is_empty()) || local_peak > state.peak_in_flight;
         state.merge(local, local_peak);
         let step = if is_leader {
             ctl.step(&mut state, now_ms)
@@ -571,14 +687,24 @@ mod tests {
         }
     }
 
-    /// A window of `n` samples spread ±20% around `median_ms`.
-    fn window(median_ms: f64, n: u32) -> RttHistogram {
+    /// `n` samples spread ±20% around `median_ms`.
+    fn spread(median_ms: f64, n: u32) -> RttHistogram {
         let mut h = RttHistogram::new();
         for i in 0..n {
             let spread = 0.8 + 0.4 * f64::from(i) / f64::from(n.max(2) - 1);
             h.record(median_ms * spread);
         }
         h
+    }
+
+    /// Windows with `h` as reads, no writes.
+    fn reads(h: RttHistogram) -> Windows {
+        [h, RttHistogram::new()]
+    }
+
+    /// A window of `n` reads spread ±20% around `median_ms`.
+    fn window(median_ms: f64, n: u32) -> Windows {
+        reads(spread(median_ms, n))
     }
 
     /// Runs one interval: the window's samples and the peak in-flight seen.
@@ -627,7 +753,7 @@ mod tests {
             for _ in 0..100 {
                 zeros.record(0.0);
             }
-            st.merge(&zeros, 100);
+            st.merge(&reads(zeros), 100);
             t += 1000;
             ctl.step(&mut st, t);
             assert!(st.limit.is_finite() && (10.0..=1000.0).contains(&st.limit));
@@ -658,7 +784,7 @@ mod tests {
         assert_eq!(bytes.len(), STATE_LEN);
         let back = GradientState::decode(&bytes).unwrap();
         assert_eq!(back.limit, st.limit);
-        assert_eq!(back.window, st.window);
+        assert_eq!(back.encode(), bytes, "NaNs and all");
         assert_eq!(back.peak_in_flight, 12);
         assert_eq!(GradientState::decode(&bytes[..bytes.len() - 1]), None);
         assert_eq!(GradientState::decode(b"garbage"), None);
@@ -668,9 +794,10 @@ mod tests {
         // NaN limit and out-of-range ring position are repaired, not trusted.
         let mut nan = bytes.clone();
         nan[4..12].copy_from_slice(&f64::NAN.to_le_bytes());
-        nan[48..52].copy_from_slice(&u32::MAX.to_le_bytes());
+        // Lane 0 starts at byte 48: baseline, sample, then its ring position.
+        nan[64..68].copy_from_slice(&u32::MAX.to_le_bytes());
         let repaired = GradientState::decode(&nan).unwrap();
-        assert_eq!(repaired.ring_pos, 0);
+        assert_eq!(repaired.lanes[0].ring_pos, 0);
         assert_eq!(ctl.limit_of(&repaired), 100);
         let mut st2 = repaired;
         run(&ctl, &mut st2, &mut t, 5.0, 80);
@@ -690,7 +817,7 @@ mod tests {
                 h.record(if j % 3 == 0 { 20.0 } else { 2.0 } * (1.0 + f64::from(j % 7) / 10.0));
             }
             let peak = 150.min(ctl.limit_of(&st));
-            st.merge(&h, peak);
+            st.merge(&reads(h), peak);
             t += 1000;
             ctl.step(&mut st, t);
             assert!(ctl.limit_of(&st) >= 150, "window {i}: limit {}", st.limit);
@@ -809,7 +936,7 @@ mod tests {
         assert_eq!(ctl.step(&mut st, 1500), Step::NotDue);
         st.merge(&window(5.0, 10), 90);
         assert_eq!(ctl.step(&mut st, 2000), Step::Updated);
-        assert!(st.window.is_empty());
+        assert!(st.lanes[0].window.is_empty());
         // A clock that jumps backwards makes a step due instead of stalling.
         st.merge(&window(5.0, 30), 90);
         assert_eq!(ctl.step(&mut st, 10), Step::Updated);
@@ -827,14 +954,14 @@ mod tests {
         assert!(!p.stepped);
         let (bytes, _) = store.get(GRADIENT_KEY).unwrap();
         let st = GradientState::decode(&bytes).unwrap();
-        assert_eq!(st.window.total(), 30);
+        assert_eq!(st.pending_samples(), 30);
         assert_eq!(st.peak_in_flight, 70);
         // A reader with nothing to merge does not write.
         let writes = store.writes();
-        sync(&store, 8, &ctl, &RttHistogram::new(), 0, false, 1500).unwrap();
+        sync(&store, 8, &ctl, &Windows::default(), 0, false, 1500).unwrap();
         assert_eq!(store.writes(), writes);
         // The leader steps once per interval, whoever else also claims to lead.
-        let empty = RttHistogram::new();
+        let empty = Windows::default();
         assert!(
             sync(&store, 8, &ctl, &empty, 0, true, 2000)
                 .unwrap()
@@ -846,7 +973,7 @@ mod tests {
                 .stepped
         );
         let st = GradientState::decode(&store.get(GRADIENT_KEY).unwrap().0).unwrap();
-        assert!(st.window.is_empty());
+        assert_eq!(st.pending_samples(), 0);
         assert!((st.sample_ms / 5.0 - 1.0).abs() < 0.15);
     }
 
@@ -857,11 +984,78 @@ mod tests {
         store
             .set(GRADIENT_KEY, b"\x01\x02old version", None)
             .unwrap();
-        let p = sync(&store, 4, &ctl, &RttHistogram::new(), 0, false, 0).unwrap();
+        let p = sync(&store, 4, &ctl, &Windows::default(), 0, false, 0).unwrap();
         assert_eq!(p.limit, 100);
         assert!(GradientState::decode(&store.get(GRADIENT_KEY).unwrap().0).is_some());
         store.set_interference(|_| true);
         let r = sync(&store, 4, &ctl, &window(3.0, 5), 1, false, 0);
         assert_eq!(r, Err(UpdateError::Contended));
+    }
+
+    /// Runs `windows` intervals of reads at `read_ms` and writes at `write_ms` (0 =
+    /// none of that kind) with the limit fully used; returns the final limit.
+    fn lanes(
+        ctl: &Controller,
+        st: &mut GradientState,
+        t: &mut u64,
+        n: u32,
+        read_ms: f64,
+        write_ms: f64,
+    ) -> u32 {
+        for _ in 0..n {
+            let w = [
+                if read_ms > 0.0 {
+                    spread(read_ms, 200)
+                } else {
+                    RttHistogram::new()
+                },
+                if write_ms > 0.0 {
+                    spread(write_ms, 50)
+                } else {
+                    RttHistogram::new()
+                },
+            ];
+            st.merge(&w, ctl.limit_of(st));
+            *t += ctl.interval_ms();
+            ctl.step(st, *t);
+        }
+        ctl.limit_of(st)
+    }
+
+    #[test]
+    fn fast_writes_do_not_set_the_bar_for_slow_reads() {
+        // Kask in front of a store whose reads take ~1 s and writes ~0.3 ms: a prefill
+        // of writes comes first, then reads join at their own, stable latency.
+        let ctl = Controller::new(&cfg(256, 16, 2048));
+        let mut st = ctl.initial_state();
+        let mut t = 0;
+        lanes(&ctl, &mut st, &mut t, 20, 0.0, 0.3);
+        let limit = lanes(&ctl, &mut st, &mut t, 60, 950.0, 0.3);
+        assert!(limit >= 256, "stable slow reads cut the limit to {limit}");
+        // Both lanes learned their own baseline.
+        assert!(st.lanes[0].baseline_ms > 500.0 && st.lanes[1].baseline_ms < 1.0);
+    }
+
+    #[test]
+    fn a_queue_inflates_every_lane_and_the_limit_falls() {
+        let ctl = Controller::new(&cfg(256, 16, 2048));
+        let mut st = ctl.initial_state();
+        let mut t = 0;
+        let before = lanes(&ctl, &mut st, &mut t, 20, 5.0, 1.0);
+        // A queue in front of the store adds 20 ms to everything.
+        let after = lanes(&ctl, &mut st, &mut t, 10, 25.0, 21.0);
+        assert!(after < before / 2, "{before} -> {after}");
+    }
+
+    #[test]
+    fn one_slow_lane_is_enough_to_shrink() {
+        // Writes inflate 10x (a write path in trouble); reads are fine. The lane
+        // with the lowest gradient decides.
+        let ctl = Controller::new(&cfg(256, 16, 2048));
+        let mut st = ctl.initial_state();
+        let mut t = 0;
+        let before = lanes(&ctl, &mut st, &mut t, 20, 5.0, 1.0);
+        let after = lanes(&ctl, &mut st, &mut t, 10, 5.0, 10.0);
+        assert!(after < before, "{before} -> {after}");
     }
 }

@@ -469,17 +469,55 @@ impl BucketMut<'_> {
 
     /// Inserts or replaces the entry for `fp` at the front of the bucket.
     pub fn put(&mut self, fp: u64, state: SlotState, expires_at: u64) {
+        let slots = self.slots();
+        let victim = Self::free_way(&slots[..self.ways], fp, self.now).unwrap_or(self.ways - 1);
+        self.put_at(victim, &slots, fp, state, expires_at);
+    }
+
+    /// Inserts or replaces a Missing entry for `fp`, but never in place of a live
+    /// Exists one: a flood of distinct missing keys must not make the filter forget
+    /// the sessions whose reads are critical. Among live entries only the oldest
+    /// Missing one may go. False (nothing written) if every slot holds a live session.
+    pub fn put_missing(&mut self, fp: u64, expires_at: u64) -> bool {
+        let slots = self.slots();
+        let live = &slots[..self.ways];
+        let Some(victim) = Self::free_way(live, fp, self.now)
+            .or_else(|| live.iter().rposition(|s| s.state == SlotState::Missing))
+        else {
+            return false;
+        };
+        self.put_at(victim, &slots, fp, SlotState::Missing, expires_at);
+        true
+    }
+
+    fn slots(&self) -> [Slot; MAX_WAYS as usize] {
         let mut all = [Slot::EMPTY; MAX_WAYS as usize];
         for (way, slot) in all.iter_mut().enumerate().take(self.ways) {
             *slot = self.slot(way);
         }
-        let slots = &all[..self.ways];
-        let victim = slots
+        all
+    }
+
+    /// The way `fp` may take without displacing a live entry of another key: its own,
+    /// an empty one, or the oldest expired one.
+    fn free_way(slots: &[Slot], fp: u64, now: u64) -> Option<usize> {
+        slots
             .iter()
             .position(|s| s.state != SlotState::Empty && s.fp == fp)
             .or_else(|| slots.iter().position(|s| s.state == SlotState::Empty))
-            .or_else(|| slots.iter().rposition(|s| !s.is_live(self.now)))
-            .unwrap_or(self.ways - 1);
+            .or_else(|| slots.iter().rposition(|s| !s.is_live(now)))
+    }
+
+    /// Writes the entry at the front, shifting the ways before `victim` back by one.
+    fn put_at(
+        &mut self,
+        victim: usize,
+        all: &[Slot; MAX_WAYS as usize],
+        fp: u64,
+        state: SlotState,
+        expires_at: u64,
+    ) {
+        let slots = &all[..self.ways];
         let displaced = slots[victim];
         if displaced.is_live(self.now) && displaced.fp != fp {
             *self.evictions += 1;
@@ -505,10 +543,19 @@ impl BucketMut<'_> {
 
     /// Removes every entry for `fp`; true if one was live.
     pub fn remove(&mut self, fp: u64) -> bool {
+        self.remove_where(fp, |state| state != SlotState::Empty)
+    }
+
+    /// Removes the Missing entries for `fp`, keeping an Exists mark; true if one was live.
+    pub fn remove_missing(&mut self, fp: u64) -> bool {
+        self.remove_where(fp, |state| state == SlotState::Missing)
+    }
+
+    fn remove_where(&mut self, fp: u64, doomed: impl Fn(SlotState) -> bool) -> bool {
         let mut was_live = false;
         for way in 0..self.ways {
             let slot = self.slot(way);
-            if slot.state != SlotState::Empty && slot.fp == fp {
+            if doomed(slot.state) && slot.fp == fp {
                 was_live |= slot.is_live(self.now);
                 self.write_slot(way, &Slot::EMPTY);
             }

@@ -7,7 +7,7 @@
 //!                               Acquire::Admitted(p) | Acquire::ShadowShed(p) => keep p in the context,
 //!                               Acquire::Shed { severity, .. } => fast 503 (reason "concurrency"),
 //!                           }
-//! on_log (every ending):    limiter.release(store, permit, Completion { rtt_ms, ending }, now)
+//! on_log (every ending):    limiter.release(store, permit, Completion { rtt_ms, ending, lane: Lane::Read }, now)
 //! drop of the context:      the same, if on_log did not run (backstop)
 //! on_tick (every VM):       let leader = election.tick(store, vm_id, now, lease);
 //!                           limiter.tick(store, now, leader)
@@ -127,7 +127,7 @@ use serde::Deserialize;
 
 use crate::classify::Criticality;
 use crate::config::{check_range, check_unit, field, ConfigError};
-use crate::gradient::{self, Controller, RttHistogram};
+use crate::gradient::{self, Controller, Lane, Windows};
 use crate::shared::{update, SetError, SharedStore};
 use crate::wire::{f64_to_u32, put_u32_at, put_u64_at, u32_at, u64_at};
 
@@ -361,6 +361,8 @@ pub struct Completion {
     /// NaN, infinite and negative values are ignored.
     pub rtt_ms: Option<f64>,
     pub ending: Ending,
+    /// Whose latency the RTT is: reads and writes are judged apart.
+    pub lane: Lane,
 }
 
 /// One admitted request's in-flight slot. Give it back with [`Limiter::release`].
@@ -599,7 +601,7 @@ pub struct Limiter {
     /// The other VMs' counts and the number of slots at this VM's last read.
     others_seen: InFlight,
     slots_seen: u32,
-    window: RttHistogram,
+    windows: Windows,
     peak: u32,
     shed_ewma: f64,
     stats: LimiterStats,
@@ -630,7 +632,7 @@ impl Limiter {
             slot: SlotState::Shows(InFlight::default()),
             others_seen: InFlight::default(),
             slots_seen: 0,
-            window: RttHistogram::new(),
+            windows: Windows::default(),
             peak: 0,
             shed_ewma: 0.0,
             stats: LimiterStats {
@@ -989,7 +991,8 @@ impl Limiter {
         }
         if done.ending.is_latency_sample() {
             if let Some(rtt) = done.rtt_ms {
-                if self.window.record(rtt) {
+                let window = self.windows.get_mut(done.lane.index());
+                if window.is_some_and(|w| w.record(rtt)) {
                     self.stats.rtt_samples += 1;
                 } else {
                     self.stats.rtt_rejected += 1;
@@ -1070,13 +1073,13 @@ impl Limiter {
             store,
             self.attempts,
             &self.controller,
-            &self.window,
+            &self.windows,
             self.peak,
             is_leader,
             now_ms,
         ) {
             Ok(p) => {
-                self.window.clear();
+                self.windows = Windows::default();
                 self.peak = 0;
                 self.set_limit(p.limit);
                 self.stats.min_rtt_ms = p.baseline_ms;
@@ -1234,6 +1237,7 @@ mod tests {
         Completion {
             rtt_ms: Some(rtt),
             ending: Ending::Response(200),
+            lane: Lane::Read,
         }
     }
 
@@ -1785,7 +1789,16 @@ mod tests {
         for (ending, rtt_ms, sampled, rejected) in endings {
             let before = a.stats();
             let p = ok(a.try_acquire(&store, S, 0));
-            a.release(&store, p, Completion { rtt_ms, ending }, 0);
+            a.release(
+                &store,
+                p,
+                Completion {
+                    rtt_ms,
+                    ending,
+                    lane: Lane::Read,
+                },
+                0,
+            );
             let after = a.stats();
             assert_eq!(
                 after.rtt_samples - before.rtt_samples,
@@ -2054,6 +2067,7 @@ mod tests {
                             let c = Completion {
                                 rtt_ms: Some(3.0),
                                 ending: ending(e),
+                                lane: Lane::Read,
                             };
                             self.ws[w].release(&self.store, p, c, self.now);
                         }
@@ -2118,6 +2132,7 @@ mod tests {
                         Completion {
                             rtt_ms: None,
                             ending: Ending::Response(200),
+                            lane: Lane::Read,
                         },
                         self.now,
                     );

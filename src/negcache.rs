@@ -164,6 +164,9 @@ pub enum Fill {
     Inserted,
     /// A write touched the key's bucket since the generation was read: not cached.
     Stale,
+    /// Every slot of the key's bucket holds a live session: a 404 does not displace
+    /// them (`BucketMut::put_missing`); not cached.
+    Protected,
     /// Nothing to do (a DELETE that did not succeed).
     Skipped,
     /// The CAS bound was hit: not cached (safe).
@@ -200,6 +203,8 @@ pub struct CacheStats {
     pub inserts: u64,
     /// Conditional inserts refused because a write intervened.
     pub stale_fills: u64,
+    /// 404s not cached because their bucket held only live sessions.
+    pub protected_fills: u64,
     /// Invalidations committed (`begin_write` and `end_write`, fallbacks included).
     pub invalidations: u64,
     /// Invalidations the host refused altogether.
@@ -457,19 +462,25 @@ impl NegCache {
                     Origin::Absent | Origin::Garbage => Generation(None),
                 };
                 if !still_current(current) {
-                    return (false, ());
+                    return (false, Fill::Stale);
                 }
-                b.put(fp, SlotState::Missing, expires_at);
-                (true, ())
+                if !b.put_missing(fp, expires_at) {
+                    return (false, Fill::Protected);
+                }
+                (true, Fill::Inserted)
             });
         match commit {
-            Commit::Written(()) => {
+            Commit::Written(fill) => {
                 self.stats.inserts += 1;
-                Fill::Inserted
+                fill
             }
-            Commit::Declined(()) => {
+            Commit::Declined(Fill::Protected) => {
+                self.stats.protected_fills += 1;
+                Fill::Protected
+            }
+            Commit::Declined(fill) => {
                 self.stats.stale_fills += 1;
-                Fill::Stale
+                fill
             }
             Commit::Contended => Fill::Contended,
             Commit::Host => Fill::HostError,
@@ -551,7 +562,9 @@ impl NegCache {
         let (shard, bucket) = self.table.layout().locate(fp);
         let apply = |view: &mut crate::keytable::ShardMut<'_>, bump: bool| {
             let mut b = view.bucket(bucket);
-            b.remove(fp);
+            // Only a Missing entry could answer a stale 404; an Exists mark stays, so a
+            // logged-in user's reads stay critical while their session is written.
+            b.remove_missing(fp);
             if let Some(until) = exists_until {
                 b.put(fp, SlotState::Exists, until);
             }
@@ -807,16 +820,59 @@ mod tests {
         c.begin_write(&s, fp, 1);
         c.end_write(&s, fp, true, 2);
         assert_eq!(c.lookup(&s, fp, 2).mark, Mark::Exists);
-        // Other keys' 404s evict the victim's slot (and everything else) twice over.
+        // Other keys' reads (200s: marks without a generation change) evict the
+        // victim's slot (and everything else) twice over.
         for i in 0..8 {
             let other = c.fingerprint(format!("other{i}").as_bytes());
             let l = c.lookup(&s, other, 3);
-            assert_eq!(c.insert_missing(&s, other, l.generation, 3), Fill::Inserted);
+            assert!(c.mark_exists(&s, other, &l, 3));
         }
         assert_eq!(c.lookup(&s, fp, 3).mark, Mark::Unknown, "slot evicted");
         assert!(c.stats().evictions >= 4);
         assert_eq!(c.insert_missing(&s, fp, get.generation, 4), Fill::Stale);
         assert_eq!(c.lookup(&s, fp, 5).mark, Mark::Unknown);
+    }
+
+    #[test]
+    fn a_flood_of_missing_keys_does_not_evict_live_sessions() {
+        // A small table (64 slots in 4-way buckets) and 4,000 distinct missing keys.
+        let (mut c, s) = (cache(64, 16, 4, 1), MemStore::new());
+        let sessions: Vec<u64> = (0..8)
+            .map(|i| c.fingerprint(format!("enwiki:MWSession:live{i}").as_bytes()))
+            .collect();
+        for &fp in &sessions {
+            let l = c.lookup(&s, fp, 0);
+            assert!(c.mark_exists(&s, fp, &l, 0));
+        }
+        let mut inserted = 0;
+        for i in 0..4_000u64 {
+            let fp = c.fingerprint(format!("reader{i}").as_bytes());
+            let l = c.lookup(&s, fp, 1 + i / 1000);
+            if c.insert_missing(&s, fp, l.generation, 1 + i / 1000) == Fill::Inserted {
+                inserted += 1;
+            }
+        }
+        // The flood was cached (it displaced itself) and every session is still
+        // known to exist, so its next read is critical.
+        assert!(inserted > 3_900, "{inserted} of 4000 cached");
+        for &fp in &sessions {
+            assert_eq!(c.lookup(&s, fp, 10).mark, Mark::Exists);
+        }
+        // A bucket full of live sessions refuses a 404 rather than forget one.
+        let (mut c, s) = (cache(4, 4, 4, 1), MemStore::new());
+        for i in 0..4 {
+            let fp = c.fingerprint(format!("live{i}").as_bytes());
+            let l = c.lookup(&s, fp, 0);
+            assert!(c.mark_exists(&s, fp, &l, 0));
+        }
+        let reader = c.fingerprint(b"reader");
+        let l = c.lookup(&s, reader, 1);
+        assert_eq!(
+            c.insert_missing(&s, reader, l.generation, 1),
+            Fill::Protected
+        );
+        assert_eq!(c.lookup(&s, reader, 1).mark, Mark::Unknown);
+        assert_eq!(c.stats().protected_fills, 1);
     }
 
     #[test]
@@ -859,10 +915,11 @@ mod tests {
         let t = c.begin_write(&s, fp, 9);
         c.end_write(&s, fp, true, 10);
         assert_eq!(c.end_delete(&s, fp, t, true, 11), Fill::Stale);
-        // A failed DELETE caches nothing.
+        // A failed DELETE caches nothing, and the session is still known to exist
+        // (writes keep Exists marks: they cannot answer a 404).
         let t = c.begin_write(&s, fp, 12);
         assert_eq!(c.end_delete(&s, fp, t, false, 13), Fill::Skipped);
-        assert_eq!(c.lookup(&s, fp, 14).mark, Mark::Unknown);
+        assert_eq!(c.lookup(&s, fp, 14).mark, Mark::Exists);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use sessionguard::classify::{classify, Criticality, Op};
 use sessionguard::config::Config;
 use sessionguard::election::{Election, Lease, LEASE_KEY};
 use sessionguard::fingerprint::{init_seed, read_seed, Fingerprinter, SEED_KEY};
-use sessionguard::gradient::{Controller, GradientState, RttHistogram, GRADIENT_KEY};
+use sessionguard::gradient::{Controller, GradientState, Lane, RttHistogram, GRADIENT_KEY};
 use sessionguard::header_pairs;
 use sessionguard::keytable::{KeyTable, Layout, OccupancyScan};
 use sessionguard::limiter::{
@@ -532,6 +532,7 @@ fn build_everything(g: &mut Gen, cfg: &Config) {
         let done = Completion {
             rtt_ms: Some(1.0),
             ending: Ending::Response(200),
+            lane: Lane::Read,
         };
         limiter.release(&store, p, done, 6);
     }
@@ -1509,6 +1510,7 @@ fn fuzz_limiter_garbage_table() {
                         Completion {
                             rtt_ms: rtt,
                             ending,
+                            lane: Lane::Read,
                         },
                         now,
                     );
@@ -1537,6 +1539,7 @@ fn fuzz_limiter_garbage_table() {
             let done = Completion {
                 rtt_ms: None,
                 ending: Ending::DownstreamReset,
+                lane: Lane::Read,
             };
             limiter.release(&store, p, done, now);
         }
@@ -1652,14 +1655,14 @@ fn fuzz_gradient_state() {
             ..concurrency_config(g)
         };
         let ctl = Controller::new(&cfg);
-        let len = 632;
+        let len = 1248;
         let mut bytes: Vec<u8> = if g.one_in(4) {
             g.bytes(700)
         } else {
             (0..len).map(|_| g.u64() as u8).collect()
         };
         if bytes.len() >= 4 && !g.one_in(8) {
-            bytes[..4].copy_from_slice(b"SGg1");
+            bytes[..4].copy_from_slice(b"SGg2");
         }
         if bytes.len() == len && g.bool() {
             // Plausible floats for limit, baseline, sample, gradient.
@@ -1691,7 +1694,12 @@ fn fuzz_gradient_state() {
                     g.f64() * 50.0
                 });
             }
-            state.merge(&h, g.u32());
+            let windows = if g.bool() {
+                [h, RttHistogram::new()]
+            } else {
+                [RttHistogram::new(), h]
+            };
+            state.merge(&windows, g.u32());
             now = now.wrapping_add(g.below(3000));
             let _ = ctl.step(&mut state, now);
             check(&state);

@@ -9,6 +9,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use crate::classify::{classify, Class, Op};
+use crate::gradient::Lane;
 use crate::guard::{Flight, KeyRequest, Outstanding, Verdict};
 use crate::header_pairs;
 use crate::limiter::{Completion, Ending, Permit};
@@ -389,6 +390,7 @@ impl HttpContext for Http {
             let done = Completion {
                 rtt_ms: self.rtt_ms,
                 ending,
+                lane: Lane::of(self.op),
             };
             w.limiter.release(&HostStore, permit, done, now_ms);
         }
@@ -404,6 +406,7 @@ impl Drop for Http {
                 let done = Completion {
                     rtt_ms: None,
                     ending: Ending::DownstreamReset,
+                    lane: Lane::of(self.op),
                 };
                 w.limiter
                     .release(&HostStore, permit, done, abi::now_ns() / 1_000_000);
