@@ -40,25 +40,27 @@
 //!
 //! # The curve
 //!
-//! With `r` the ratio of the worst fresh endpoint to `memory_limit_bytes`:
-//! - `r <= soft`: nothing is shed; the limit factor is 1.
+//! The in-flight ceiling ([`crate::ceiling`]) is the memory guard: it keeps the
+//! store's demand under `critical` x `memory_limit_bytes` by refusing requests
+//! (critical ones too, inside the limiter's reserve for them) once the requests in
+//! flight would fill the headroom. The curve steers sheddable traffic on the memory
+//! itself, for what the ceiling does not explain. With `r` the ratio of the worst
+//! fresh endpoint to `memory_limit_bytes`:
+//! - `r <= soft`: nothing is shed;
 //! - `soft < r < hard`: sheddable traffic is shed with probability `x²`, where
 //!   `x = (r − soft)/(hard − soft)`: gentle at first (a quarter at mid-band), so a
-//!   small excess costs little traffic, and all of it at `hard`.
-//! - `r >= hard`: all sheddable traffic is shed, and the concurrency limit is scaled
-//!   by a factor falling linearly from 1 at `hard` to `min_limit_factor` at `critical`.
-//!   Critical traffic is still admitted.
-//! - `r >= critical`: critical traffic is shed too, with a probability rising
-//!   linearly from 0 at `critical` to `critical_max_shed` at the limit itself
-//!   (`r = 1`; at once if `critical >= 1`): an OOM kill serves no one.
+//!   small excess costs little traffic, and all of it at `hard`;
+//! - `r >= hard`: all sheddable traffic is shed. Critical traffic is never shed by
+//!   the curve: the ceiling decides for it (at least a few requests at a time,
+//!   so the store always makes progress).
 //!
 //! Severity (for `Retry-After`) is `(r − soft)/(critical − soft)`, clamped to [0, 1].
 //!
 //! # Smoothing
 //!
 //! A rising sample is taken as is, so pressure is acted on within one poll. A
-//! falling one is blended, `s·previous + (1 − s)·sample` with `s = fall_smoothing`
-//! (0.5 by default): one lucky poll does not switch shedding off, yet after a surge
+//! falling one is blended, `s·previous + (1 − s)·sample` with `s` = 0.5
+//! ([`FALL_SMOOTHING`]): one lucky poll does not switch shedding off, yet after a surge
 //! the ratio halves its distance to the real value every poll, so shedding stops
 //! within one or two polls (from a ratio of 0.9 to a demand of 0.3: 0.6 at the
 //! first poll, below `soft`).
@@ -72,8 +74,7 @@
 //!   `Failing` while its last good sample is still younger than `max_sample_age_ms`,
 //!   then `Failed`. Holding the last sample a few seconds is deliberate: a store too
 //!   overloaded to answer its `/metrics` in time is the one that most needs
-//!   protection. `drop_on_failure: true` makes a failed poll stop the endpoint
-//!   driving at once instead;
+//!   protection;
 //! - a sample that grows old without any newer result (the poller stopped) makes it
 //!   `Stale`.
 //!
@@ -110,6 +111,8 @@ use crate::wire::f64_to_u32;
 pub const MAX_ENDPOINTS: usize = 256;
 /// Most demand gauges summed.
 pub const MAX_DEMAND_GAUGES: usize = 8;
+/// Weight of the previous ratio when a sample is lower (module docs, "Smoothing").
+pub const FALL_SMOOTHING: f64 = 0.5;
 /// The store's start time, read when present: a change is a restart (the per-request
 /// estimate then starts a new window, see [`crate::ceiling`]).
 pub const START_TIME_GAUGE: &str = "process_start_time_seconds";
@@ -192,17 +195,9 @@ pub struct MemoryConfig {
     pub demand_gauges: Vec<String>,
     pub soft: f64,
     pub hard: f64,
-    /// Above this ratio even critical traffic is shed: an OOM kill serves no one.
+    /// The line the in-flight ceiling keeps the store's demand under (a ratio of
+    /// the limit); above it critical traffic is refused too: an OOM kill serves no one.
     pub critical: f64,
-    /// Probability of shedding critical traffic reached at the limit itself.
-    pub critical_max_shed: f64,
-    /// Factor applied to the concurrency limit at `critical` (1 at `hard`).
-    pub min_limit_factor: f64,
-    /// Weight of the previous ratio when a sample is lower (0 = no smoothing).
-    pub fall_smoothing: f64,
-    /// true: a failed poll stops the endpoint driving shedding at once; false: its
-    /// last good sample keeps driving until it is `max_sample_age_ms` old.
-    pub drop_on_failure: bool,
     /// The store's memory per request in flight, if the operator knows it; `None`:
     /// learned from the polls (see [`crate::ceiling`]).
     pub bytes_per_request: Option<u64>,
@@ -230,10 +225,6 @@ impl Default for MemoryConfig {
             soft: 0.65,
             hard: 0.78,
             critical: 0.78,
-            critical_max_shed: 0.0,
-            min_limit_factor: 1.0,
-            fall_smoothing: 0.5,
-            drop_on_failure: false,
             bytes_per_request: None,
         }
     }
@@ -338,24 +329,7 @@ impl MemoryConfig {
                 MAX_BYTES_PER_REQUEST,
             )?;
         }
-        check_unit(
-            &field(section, "critical_max_shed"),
-            self.critical_max_shed,
-            0.0,
-            1.0,
-        )?;
-        check_unit(
-            &field(section, "min_limit_factor"),
-            self.min_limit_factor,
-            0.01,
-            1.0,
-        )?;
-        check_unit(
-            &field(section, "fall_smoothing"),
-            self.fall_smoothing,
-            0.0,
-            0.95,
-        )
+        Ok(())
     }
 }
 
@@ -363,14 +337,12 @@ impl MemoryConfig {
 // The curve
 // ---------------------------------------------------------------------------------
 
-/// Ratio → shed probabilities, limit factor and severity (see the module docs).
+/// Ratio → shed probability of sheddable traffic and severity (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Curve {
     pub soft: f64,
     pub hard: f64,
     pub critical: f64,
-    pub critical_max_shed: f64,
-    pub min_limit_factor: f64,
 }
 
 impl Curve {
@@ -379,8 +351,6 @@ impl Curve {
             soft: cfg.soft,
             hard: cfg.hard,
             critical: cfg.critical,
-            critical_max_shed: cfg.critical_max_shed,
-            min_limit_factor: cfg.min_limit_factor,
         }
     }
 
@@ -394,36 +364,6 @@ impl Curve {
         } else {
             let x = (r - self.soft) / (self.hard - self.soft);
             unit(x * x)
-        }
-    }
-
-    /// Probability of shedding a critical request: 0 below `critical`, then linear up
-    /// to `critical_max_shed` at `r = 1`.
-    pub fn critical(&self, r: f64) -> f64 {
-        if r.is_nan() || r < self.critical {
-            0.0
-        } else if self.critical >= 1.0 || r >= 1.0 {
-            unit(self.critical_max_shed)
-        } else {
-            unit(self.critical_max_shed * (r - self.critical) / (1.0 - self.critical))
-        }
-    }
-
-    /// Factor for the concurrency limit: 1 up to `hard`, linear down to
-    /// `min_limit_factor` at `critical`, constant beyond. Always in (0, 1].
-    pub fn limit_factor(&self, r: f64) -> f64 {
-        let min = if self.min_limit_factor.is_finite() {
-            self.min_limit_factor.clamp(0.01, 1.0)
-        } else {
-            1.0
-        };
-        if r.is_nan() || r <= self.hard {
-            1.0
-        } else if r >= self.critical {
-            min
-        } else {
-            let x = (r - self.hard) / (self.critical - self.hard);
-            (1.0 - (1.0 - min) * x).clamp(min, 1.0)
         }
     }
 
@@ -706,13 +646,13 @@ impl Endpoint {
         self.last_ok_ms.map(|t| now_ms.saturating_sub(t))
     }
 
-    fn derive(&self, now_ms: u64, max_age_ms: u64, drop_on_failure: bool) -> StatusKind {
+    fn derive(&self, now_ms: u64, max_age_ms: u64) -> StatusKind {
         let young = self.age(now_ms).is_some_and(|age| age <= max_age_ms);
         match (&self.failure, self.last_ok_ms) {
             (None, None) => StatusKind::Pending,
             (None, Some(_)) if young => StatusKind::Fresh,
             (None, Some(_)) => StatusKind::Stale,
-            (Some(_), _) if young && !drop_on_failure => StatusKind::Failing,
+            (Some(_), _) if young => StatusKind::Failing,
             (Some(_), _) => StatusKind::Failed,
         }
     }
@@ -753,8 +693,6 @@ pub struct PressureTracker {
     /// Bytes; infinite when unset, so that every ratio is 0.
     limit: f64,
     max_age_ms: u64,
-    fall_smoothing: f64,
-    drop_on_failure: bool,
     /// `selectors[0]` is the ceiling, then `demands` demand gauges, then `retained`
     /// retained gauges (0 or 2), then the store's start time.
     selectors: Vec<Selector>,
@@ -799,8 +737,6 @@ impl PressureTracker {
                 .min(cfg.max_sample_age_ms / 2)
                 .max(fast_poll_ms),
             max_age_ms: cfg.max_sample_age_ms,
-            fall_smoothing: unit(cfg.fall_smoothing),
-            drop_on_failure: cfg.drop_on_failure,
             scratch: Vec::with_capacity(selectors.len()),
             demands: cfg.demand_gauges.len(),
             retained: cfg.retained_gauges.len(),
@@ -845,13 +781,13 @@ impl PressureTracker {
         let demand_ratio = demand_bytes.map(|d| ratio(d, self.limit));
         let fallback = demand_ratio.is_none();
 
-        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
-        let s = self.fall_smoothing;
+        let max_age = self.max_age_ms;
+        let s = FALL_SMOOTHING;
         let (soft, critical) = (self.curve.soft, self.curve.critical);
         let (line, limit) = (self.line, self.limit);
         let ep = &mut self.endpoints[endpoint];
         // Smooth only a continuous series; after a gap (or a change of mode) start over.
-        let continuous = ep.derive(now_ms, max_age, drop).drives() && ep.fallback == fallback;
+        let continuous = ep.derive(now_ms, max_age).drives() && ep.fallback == fallback;
         let fall = |prev: f64, x: f64| {
             if continuous && x < prev {
                 s * prev + (1.0 - s) * x
@@ -866,7 +802,7 @@ impl PressureTracker {
         ep.failure = None;
         ep.samples = ep.samples.saturating_add(1);
         ep.consecutive_failures = 0;
-        ep.kind = ep.derive(now_ms, max_age, drop);
+        ep.kind = ep.derive(now_ms, max_age);
         // The ceiling decides on what the store will need: its demand (resident
         // memory less what it can reuse), raw, not smoothed.
         let memory = demand_bytes.unwrap_or(ceiling_bytes);
@@ -953,26 +889,26 @@ impl PressureTracker {
 
     /// Records a failed poll of `endpoint` (ignored for an unknown index).
     pub fn on_failure(&mut self, endpoint: usize, reason: FailureReason, now_ms: u64) {
-        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
+        let max_age = self.max_age_ms;
         let Some(ep) = self.endpoints.get_mut(endpoint) else {
             return;
         };
         // A sample that had expired before this failure counts as an expiry.
-        let before = ep.derive(now_ms, max_age, drop);
+        let before = ep.derive(now_ms, max_age);
         if ep.kind.drives() && !before.drives() {
             ep.expirations = ep.expirations.saturating_add(1);
         }
         ep.failure = Some(reason);
         ep.failures = ep.failures.saturating_add(1);
         ep.consecutive_failures = ep.consecutive_failures.saturating_add(1);
-        ep.kind = ep.derive(now_ms, max_age, drop);
+        ep.kind = ep.derive(now_ms, max_age);
     }
 
     /// Moves endpoints whose sample has grown too old out of the decision.
     fn refresh(&mut self, now_ms: u64) {
-        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
+        let max_age = self.max_age_ms;
         for ep in &mut self.endpoints {
-            let kind = ep.derive(now_ms, max_age, drop);
+            let kind = ep.derive(now_ms, max_age);
             if kind != ep.kind {
                 if ep.kind.drives() && !kind.drives() {
                     ep.expirations = ep.expirations.saturating_add(1);
@@ -1019,8 +955,6 @@ impl PressureTracker {
                     ratio: r,
                     ceiling_ratio: max_ceiling,
                     p_sheddable: self.curve.sheddable(r),
-                    p_critical: self.curve.critical(r),
-                    limit_factor: self.curve.limit_factor(r),
                     severity: self.curve.severity(r),
                     sample_ms: ep.last_ok_ms.unwrap_or(0),
                     computed_ms: now_ms,
@@ -1209,8 +1143,6 @@ pub struct PressureSnapshot {
     ratio: f64,
     ceiling_ratio: f64,
     p_sheddable: f64,
-    p_critical: f64,
-    limit_factor: f64,
     severity: f64,
     sample_ms: u64,
     computed_ms: u64,
@@ -1286,8 +1218,6 @@ impl PressureSnapshot {
             ratio: 0.0,
             ceiling_ratio: 0.0,
             p_sheddable: 0.0,
-            p_critical: 0.0,
-            limit_factor: 1.0,
             severity: 0.0,
             sample_ms: 0,
             computed_ms,
@@ -1318,13 +1248,9 @@ impl PressureSnapshot {
     pub fn shed_probability(&self, criticality: Criticality) -> f64 {
         match criticality {
             Criticality::Sheddable => self.p_sheddable,
-            Criticality::Critical => self.p_critical,
+            // Critical traffic is refused only by the in-flight ceiling.
+            Criticality::Critical => 0.0,
         }
-    }
-
-    /// Factor in (0, 1] the host applies to its concurrency limit.
-    pub fn limit_factor(&self) -> f64 {
-        self.limit_factor
     }
 
     /// The decision ratio (demand, or the ceiling at `critical`) of the worst endpoint.
@@ -1396,8 +1322,7 @@ impl PressureSnapshot {
     /// | 16 | 8 | decision ratio (f64) |
     /// | 24 | 8 | ceiling ratio (f64) |
     /// | 32 | 8 | shed probability, sheddable (f64) |
-    /// | 40 | 8 | shed probability, critical (f64) |
-    /// | 48 | 8 | limit factor (f64) |
+    /// | 40 | 16 | reserved (0) |
     /// | 56 | 8 | severity (f64) |
     /// | 64 | 8 | sample time, ms (u64) |
     /// | 72 | 8 | computed time, ms (u64) |
@@ -1413,17 +1338,10 @@ impl PressureSnapshot {
         b[6..8].copy_from_slice(&self.driving.to_le_bytes());
         b[8..10].copy_from_slice(&self.endpoints.to_le_bytes());
         b[10..12].copy_from_slice(&self.worst.to_le_bytes());
-        let floats = [
-            self.ratio,
-            self.ceiling_ratio,
-            self.p_sheddable,
-            self.p_critical,
-            self.limit_factor,
-            self.severity,
-        ];
-        for (i, v) in floats.iter().enumerate() {
-            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
-        }
+        b[16..24].copy_from_slice(&self.ratio.to_le_bytes());
+        b[24..32].copy_from_slice(&self.ceiling_ratio.to_le_bytes());
+        b[32..40].copy_from_slice(&self.p_sheddable.to_le_bytes());
+        b[56..64].copy_from_slice(&self.severity.to_le_bytes());
         b[64..72].copy_from_slice(&self.sample_ms.to_le_bytes());
         b[72..80].copy_from_slice(&self.computed_ms.to_le_bytes());
         b[80..84].copy_from_slice(&self.max_in_flight.to_le_bytes());
@@ -1458,8 +1376,6 @@ impl PressureSnapshot {
             ratio: f64_at(b, 16),
             ceiling_ratio: f64_at(b, 24),
             p_sheddable: f64_at(b, 32),
-            p_critical: f64_at(b, 40),
-            limit_factor: f64_at(b, 48),
             severity: f64_at(b, 56),
             sample_ms: u64_at(b, 64),
             computed_ms: u64_at(b, 72),
@@ -1479,11 +1395,8 @@ impl PressureSnapshot {
         if !ratio(self.ratio) || !ratio(self.ceiling_ratio) {
             return Err(SnapshotError::Invalid("ratio out of range"));
         }
-        if !prob(self.p_sheddable) || !prob(self.p_critical) || !prob(self.severity) {
+        if !prob(self.p_sheddable) || !prob(self.severity) {
             return Err(SnapshotError::Invalid("probability out of [0, 1]"));
-        }
-        if !(self.limit_factor > 0.0 && self.limit_factor <= 1.0) {
-            return Err(SnapshotError::Invalid("limit factor out of (0, 1]"));
         }
         if self.max_in_flight != 0 && !(MIN_CEILING..=MAX_CEILING).contains(&self.max_in_flight) {
             return Err(SnapshotError::Invalid("in-flight ceiling out of range"));
@@ -1493,9 +1406,7 @@ impl PressureSnapshot {
                 "more driving endpoints than endpoints",
             ));
         }
-        if !self.is_active()
-            && (self.p_sheddable > 0.0 || self.p_critical > 0.0 || self.limit_factor < 1.0)
-        {
+        if !self.is_active() && self.p_sheddable > 0.0 {
             return Err(SnapshotError::Invalid("inactive snapshot that sheds"));
         }
         Ok(())
@@ -1614,8 +1525,6 @@ mod tests {
             soft: 0.70,
             hard: 0.85,
             critical: 0.95,
-            critical_max_shed: 0.5,
-            min_limit_factor: 0.5,
             ..MemoryConfig::default()
         }
     }
@@ -1672,12 +1581,26 @@ mod tests {
         let c = Config::parse(
             br#"{"memory": {"enabled": true, "memory_limit_bytes": 419430400,
                 "demand_gauges": [], "gauge": "container_memory_working_set_bytes{container=\"kask\"}",
-                "critical_max_shed": 0.3, "min_limit_factor": 0.25, "fall_smoothing": 0,
-                "drop_on_failure": true}}"#,
+                "bytes_per_request": 40000}}"#,
         )
         .unwrap();
         assert!(c.memory.demand_gauges.is_empty());
-        assert!(c.memory.drop_on_failure);
+        assert_eq!(c.memory.bytes_per_request, Some(40000));
+        // What a new user writes: the limit, nothing else.
+        let c = Config::parse(br#"{"memory": {"enabled": true, "memory_limit_bytes": 419430400}}"#)
+            .unwrap();
+        assert_eq!(c.memory.bytes_per_request, None);
+        // Settings the ceiling retired are refused, by name.
+        for retired in [
+            "critical_max_shed",
+            "min_limit_factor",
+            "fall_smoothing",
+            "drop_on_failure",
+        ] {
+            let json = format!(r#"{{"memory": {{"{retired}": 0}}}}"#);
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(retired), "{e}");
+        }
     }
 
     #[test]
@@ -1715,17 +1638,10 @@ mod tests {
                 "memory.endpoints[0].cluster",
             ),
             (r#"{"memory": {"hard": 0.5}}"#, "memory.hard"),
+            (r#"{"memory": {"critical": 1.2}}"#, "memory.critical"),
             (
-                r#"{"memory": {"critical_max_shed": 1.5}}"#,
-                "memory.critical_max_shed",
-            ),
-            (
-                r#"{"memory": {"min_limit_factor": 0}}"#,
-                "memory.min_limit_factor",
-            ),
-            (
-                r#"{"memory": {"fall_smoothing": 1}}"#,
-                "memory.fall_smoothing",
+                r#"{"memory": {"bytes_per_request": 100}}"#,
+                "memory.bytes_per_request",
             ),
         ];
         for (json, field) in cases {
@@ -1755,17 +1671,6 @@ mod tests {
             assert!(p >= prev && (0.0..=1.0).contains(&p));
             prev = p;
         }
-        // Limit factor: 1 up to hard, linear to min at critical.
-        assert_eq!(c.limit_factor(0.85), 1.0);
-        assert!(close(c.limit_factor(0.90), 0.75));
-        assert_eq!(c.limit_factor(0.95), 0.5);
-        assert_eq!(c.limit_factor(1.5), 0.5);
-        // Critical: 0 below critical, linear to the cap at the limit.
-        assert_eq!(c.critical(0.94), 0.0);
-        assert_eq!(c.critical(0.95), 0.0);
-        assert!(close(c.critical(0.975), 0.25));
-        assert_eq!(c.critical(1.0), 0.5);
-        assert_eq!(c.critical(1.2), 0.5);
         // Severity: 0 at soft, 1 at critical.
         assert_eq!(c.severity(0.70), 0.0);
         assert!(close(c.severity(0.825), 0.5));
@@ -1778,43 +1683,33 @@ mod tests {
             soft: 0.8,
             hard: 0.8,
             critical: 0.8,
-            critical_max_shed: 1.0,
-            min_limit_factor: 0.1,
         };
         for r in [0.0, 0.79, 0.8, 0.81, 2.0, f64::INFINITY] {
-            for v in [
-                c.sheddable(r),
-                c.critical(r),
-                c.limit_factor(r),
-                c.severity(r),
-            ] {
+            for v in [c.sheddable(r), c.severity(r)] {
                 assert!(v.is_finite() && (0.0..=1.0).contains(&v), "{r}: {v}");
             }
         }
-        let c = Curve { critical: 1.2, ..c };
-        assert_eq!(c.critical(1.1), 0.0);
-        assert_eq!(c.critical(1.2), 1.0);
     }
 
     // ---- thresholds through the tracker ----
 
     #[test]
     fn thresholds_and_decisions() {
-        // (demand, rss, p sheddable, p critical, limit factor)
+        // (demand, rss, p sheddable); critical traffic is never shed by the curve.
         let cases = [
-            (0.50, 0.52, 0.0, 0.0, 1.0),
-            (0.775, 0.80, 0.25, 0.0, 1.0),
-            (0.86, 0.88, 1.0, 0.0, 0.95),
-            (0.97, 0.97, 1.0, 0.2, 0.5),
+            (0.50, 0.52, 0.0),
+            (0.775, 0.80, 0.25),
+            (0.86, 0.88, 1.0),
+            (0.97, 0.97, 1.0),
+            (1.2, 1.2, 1.0),
         ];
-        for (d, rss, ps, pc, lf) in cases {
+        for (d, rss, ps) in cases {
             let mut t = PressureTracker::new(&cfg());
             t.on_sample(0, &body(d, rss), 0, 1000).unwrap();
             let s = t.snapshot(1000);
             assert!(s.is_active());
             assert!(close(s.shed_probability(S), ps), "{d}: {s:?}");
-            assert!(close(s.shed_probability(C), pc), "{d}: {s:?}");
-            assert!(close(s.limit_factor(), lf), "{d}: {s:?}");
+            assert_eq!(s.shed_probability(C), 0.0, "{d}: {s:?}");
         }
         // decide: u < p sheds, with the severity.
         let mut t = PressureTracker::new(&cfg());
@@ -1828,21 +1723,6 @@ mod tests {
     }
 
     #[test]
-    fn critical_is_shed_only_above_critical_and_up_to_the_cap() {
-        let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(0.90, 0.92), 0, 0).unwrap();
-        let s = t.snapshot(0);
-        assert_eq!(s.decide(S, 0.999), Some(s.severity()));
-        assert_eq!(s.decide(C, 0.0), None);
-        let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(1.1, 1.15), 0, 0).unwrap();
-        let s = t.snapshot(0);
-        assert_eq!(s.shed_probability(C), 0.5);
-        assert_eq!(s.decide(C, 0.49), Some(1.0));
-        assert_eq!(s.decide(C, 0.51), None);
-    }
-
-    #[test]
     fn rss_above_critical_is_a_hard_ceiling() {
         // Demand over soft but the gauges miss memory (e.g. cgo): RSS at 97% of the limit.
         let mut t = PressureTracker::new(&cfg());
@@ -1851,8 +1731,6 @@ mod tests {
         let s = t.snapshot(0);
         assert!(s.ceiling_in_force());
         assert_eq!(s.shed_probability(S), 1.0);
-        assert!(close(s.shed_probability(C), 0.5 * 0.02 / 0.05));
-        assert_eq!(s.limit_factor(), 0.5);
         // RSS above critical but demand low: memory retained after a surge, reused
         // before the kernel is asked for more; it must not keep shedding.
         let mut t = PressureTracker::new(&cfg());
@@ -1866,7 +1744,6 @@ mod tests {
         let s = t.snapshot(0);
         assert!(!s.ceiling_in_force());
         assert_eq!(s.shed_probability(S), 0.0);
-        assert_eq!(s.limit_factor(), 1.0);
         assert!(close(s.ceiling_ratio(), 0.93));
         assert!(close(s.ratio(), 0.30));
     }
@@ -1930,14 +1807,6 @@ mod tests {
         assert!(close(r.decision_ratio, 0.7));
         let r = t.on_sample(0, &body(0.5, 0.94), 0, 3000).unwrap();
         assert!(close(r.decision_ratio, 0.6));
-        // No smoothing configured: the sample is the value.
-        let mut t = PressureTracker::new(&MemoryConfig {
-            fall_smoothing: 0.0,
-            ..cfg()
-        });
-        t.on_sample(0, &body(0.9, 0.9), 0, 0).unwrap();
-        let r = t.on_sample(0, &body(0.3, 0.9), 0, 1000).unwrap();
-        assert!(close(r.decision_ratio, 0.3));
     }
 
     // ---- signals ----
@@ -2047,7 +1916,6 @@ mod tests {
         let s = t.snapshot(6001);
         assert!(!s.is_active());
         assert_eq!(s.decide(S, 0.0), None);
-        assert_eq!(s.limit_factor(), 1.0);
         let tr = t.take_transitions(6001);
         assert_eq!(tr.len(), 1);
         assert_eq!(
@@ -2105,25 +1973,6 @@ mod tests {
         assert_eq!(t.endpoint_stats(0).unwrap().status, EndpointStatus::Fresh);
         assert_eq!(t.endpoint_stats(0).unwrap().consecutive_failures, 0);
         assert!(t.snapshot(7000).is_active());
-    }
-
-    #[test]
-    fn drop_on_failure_stops_driving_at_once() {
-        let mut t = PressureTracker::new(&MemoryConfig {
-            drop_on_failure: true,
-            ..cfg()
-        });
-        t.on_sample(0, &body(0.9, 0.92), 0, 0).unwrap();
-        t.on_failure(0, FailureReason::CallFailed, 1000);
-        assert!(!t.snapshot(1000).is_active());
-        assert_eq!(
-            t.endpoint_stats(0).unwrap().status,
-            EndpointStatus::Failed(FailureReason::CallFailed)
-        );
-        // A failure is not an expiry.
-        assert_eq!(t.stats(1000).stale_transitions, 0);
-        t.on_sample(0, &body(0.9, 0.92), 0, 2000).unwrap();
-        assert!(t.snapshot(2000).is_active());
     }
 
     #[test]
@@ -2415,11 +2264,11 @@ mod tests {
             PressureSnapshot::decode(&bad.encode()),
             Err(SnapshotError::Invalid(_))
         ));
-        let mut bad = busy_snapshot();
-        bad.limit_factor = 0.0;
-        assert!(PressureSnapshot::decode(&bad.encode()).is_err());
         let mut bad = PressureSnapshot::idle(0, 1);
-        bad.p_critical = 0.5;
+        bad.p_sheddable = 0.5;
+        assert!(PressureSnapshot::decode(&bad.encode()).is_err());
+        let mut bad = busy_snapshot();
+        bad.max_in_flight = 3;
         assert!(PressureSnapshot::decode(&bad.encode()).is_err());
         let e = PressureSnapshot::decode(&[1, 2, 3]).unwrap_err();
         assert!(e.to_string().starts_with("memory pressure snapshot"), "{e}");
@@ -2483,8 +2332,8 @@ mod tests {
             }
         }
         assert_eq!(c.sheddable, 100);
-        assert_eq!(c.critical, 20); // p_critical = 0.5 * 0.02 / 0.05
-        assert_eq!(c.total(), 120);
+        assert_eq!(c.critical, 0); // the curve never sheds critical traffic
+        assert_eq!(c.total(), 100);
     }
 }
 
@@ -2511,7 +2360,7 @@ mod proptests {
             u in 0.0f64..1.0,
         ) {
             if let Ok(s) = PressureSnapshot::decode(&bytes) {
-                prop_assert!(s.limit_factor() > 0.0 && s.limit_factor() <= 1.0);
+                prop_assert!(s.max_in_flight().is_none_or(|c| c >= MIN_CEILING));
                 let _ = s.decide(Criticality::Sheddable, u);
             }
         }

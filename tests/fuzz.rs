@@ -267,10 +267,7 @@ const FIELDS: &[(&str, &str, &str)] = &[
     ("memory", "soft", "unit"),
     ("memory", "hard", "unit"),
     ("memory", "critical", "unit"),
-    ("memory", "critical_max_shed", "unit"),
-    ("memory", "min_limit_factor", "unit"),
-    ("memory", "fall_smoothing", "unit"),
-    ("memory", "drop_on_failure", "bool"),
+    ("memory", "bytes_per_request", "bytes"),
     ("negative_cache", "enabled", "bool"),
     ("negative_cache", "enforce", "bool"),
     ("negative_cache", "ttl_ms", "ms"),
@@ -1109,8 +1106,7 @@ fn memory_config(g: &mut Gen) -> MemoryConfig {
         memory_limit_bytes: g.range(1 << 20, 1 << 34),
         endpoints: vec![MetricsEndpoint::default(); endpoints],
         max_sample_age_ms: g.range(1000, 10_000),
-        drop_on_failure: g.one_in(3),
-        fall_smoothing: g.f64() * 0.95,
+        bytes_per_request: g.one_in(3).then(|| g.range(4096, 1 << 20)),
         ..MemoryConfig::default()
     };
     if g.one_in(4) {
@@ -1137,7 +1133,7 @@ fn fuzz_pressure() {
                 let _ = s.decide(crit, g.float());
                 assert_eq!(s.decide(crit, f64::NAN), None);
             }
-            assert!(s.limit_factor() > 0.0 && s.limit_factor() <= 1.0);
+            assert!(s.max_in_flight().is_none_or(|c| c >= 8));
             assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
         }
         let store = MemStore::new();

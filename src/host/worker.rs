@@ -201,8 +201,6 @@ impl Worker {
         self.memory_ceiling = Some(held);
         let applied = if memory.enforce { held } else { MAX_CEILING };
         self.limiter.set_memory_ceiling(Some(applied));
-        let factor = loaded.as_ref().map_or(1.0, |p| p.limit_factor());
-        self.limiter.set_pressure_factor(factor);
     }
 
     /// Forwards what the core counted since the last tick to Envoy's stats.
