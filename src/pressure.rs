@@ -86,9 +86,19 @@
 //! One elected worker polls and feeds a [`PressureTracker`]; on every tick it
 //! publishes [`PressureTracker::snapshot`] under [`SNAPSHOT_KEY`] ([`publish`]). Every
 //! worker reads it back on its tick ([`load`]), keeps the [`PressureSnapshot`], and
-//! calls [`PressureSnapshot::decide`] per request: pure arithmetic, no hostcall. A
-//! snapshot older than `max_sample_age_ms` (the poller died) is ignored. The layout
-//! is fixed ([`SNAPSHOT_LEN`] bytes, checksummed); see [`PressureSnapshot::encode`].
+//! calls [`PressureSnapshot::decide`] per request: pure arithmetic, no hostcall. The
+//! snapshot also carries the in-flight ceiling ([`PressureSnapshot::max_in_flight`]:
+//! the tightest endpoint's, see [`crate::ceiling`]), which every worker hands to its
+//! limiter; the limiter checks it on every request against the exact global count.
+//! A snapshot older than `max_sample_age_ms` (the poller died) is ignored; the worker
+//! then keeps the last ceiling it saw. The layout is fixed ([`SNAPSHOT_LEN`] bytes,
+//! checksummed); see [`PressureSnapshot::encode`].
+//!
+//! # Polling
+//!
+//! The poller records the filter's global in-flight count with each sample (for the
+//! ceiling) and asks [`PressureTracker::next_poll_in_ms`] when to poll next: fast while
+//! memory is high, rising or the ceiling half full, ten times slower when idle.
 
 use std::fmt;
 
