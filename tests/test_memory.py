@@ -421,11 +421,11 @@ def table(results: list[dict]) -> str:
 def write_results(results: list[dict], command: str) -> None:
     """Replaces the results section of docs/memory.md and writes docs/img/memory.png."""
     root = harness.ROOT
-    plot(results, root / "docs/img/memory.png")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                             capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                            capture_output=True, text=True).stdout.strip()
+    plot(results, root / "docs/img/memory.png")
     date = results[0]["measured_at"]
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
