@@ -4,7 +4,7 @@ WASM := target/wasm32-wasip1/release/sessionguard.wasm
 PYTEST := .venv/bin/python -m pytest
 export PATH := $(CURDIR)/.venv/bin:$(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup build lint test test-rust test-wasm test-envoy demo bench bench-quick clean
+.PHONY: setup build lint test test-rust test-wasm test-envoy validate demo replay-surge replay-docs bench bench-quick clean
 
 setup:
 	@scripts/setup.sh
@@ -32,11 +32,31 @@ test-envoy: build
 
 test: lint test-rust test-wasm test-envoy
 
+# Envoy's own validation of every shipped Envoy config (envoy/*.yaml, the ConfigMap in
+# deploy/k8s/) with the built filter and throw-away certificates in place of the deployment's
+# paths. CONFIGS="your.yaml ..." validates those files instead.
+validate: build
+	.venv/bin/python scripts/validate_configs.py $(CONFIGS)
+
 distinct-keys: build
 	.venv/bin/python scripts/distinct_keys.py
 
+# The incident and the 3x surge against six setups (docs/replay.md). 13 min on this 2-core
+# machine on 2026-12-06 (commit aa83041, already built; each scenario's time is recorded in
+# docs/results/replay.json).
+# Records the run in docs/results/replay.json, regenerates docs/replay.md, the plots and the
+# README's replay table from it.
 demo: build
 	.venv/bin/python scripts/demo.py
+
+# The 5x surge, same six setups; recorded the same way (5.7 min on 2026-12-06, commit 87d7016).
+replay-surge: build
+	SG_REPLAY_COMMAND="make replay-surge" .venv/bin/python scripts/replay.py --scenario surge5
+
+# docs/replay.md, docs/img/replay-*.png and the README's replay table from the committed
+# results, without running anything.
+replay-docs: setup
+	.venv/bin/python scripts/replay.py --docs-only
 
 # Throughput, latency and CPU per request against the no-op filter and native Envoy,
 # then the target pairs as sequential and shared-core duels (~16 minutes; installs wrk

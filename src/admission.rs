@@ -31,8 +31,9 @@
 //! left to shed". With Kask's mix (~85% sheddable reader misses), critical writes
 //! are untouched until the store fails more than that.
 //!
-//! Critical requests are judged on the last [`RECENT_SECS`] seconds as well: their
-//! probability comes from `min(p, p_recent)`. A store that crashed fills the window
+//! Critical requests are judged on the last [`RECENT_SECS`] seconds as well: once
+//! `p_recent` falls below half of `p`, their probability comes from `p_recent`. A
+//! store that crashed fills the window
 //! with failures for `window_secs`; once it answers again, the recent seconds show
 //! successes (or too few requests to judge: no rejection) and logged-in users are
 //! admitted within two seconds, while sheddable traffic comes back with the window.
@@ -459,11 +460,15 @@ impl Admission {
         self.set_probabilities(p, share, p_recent);
     }
 
-    /// `p` over the window splits between the classes; critical requests are turned
-    /// away only while the last [`RECENT_SECS`] seconds say so too (`p_recent`).
+    /// `p` over the window splits between the classes; critical requests are judged
+    /// on the last [`RECENT_SECS`] seconds instead once those show less than half the
+    /// window's failures (a recovery). Taking the lower of the two at all times would
+    /// bias critical rejection low in a steady failure: two noisy estimates of the
+    /// same rate, and the minimum of them.
     fn set_probabilities(&mut self, p: f64, share: f64, p_recent: f64) {
         let (ps, _) = split(p, share);
-        let (_, pc) = split(p.min(p_recent), share);
+        let recovering = p_recent < p * 0.5;
+        let (_, pc) = split(if recovering { p_recent } else { p }, share);
         self.p = p;
         self.p_sheddable = ps;
         self.p_critical = pc;

@@ -31,8 +31,18 @@ def _store_cluster(config: dict) -> dict:
 
 
 def bare(config: dict) -> dict:
-    """No protection at all: Envoy with only the router."""
+    """No protection at all: Envoy with only the router, and the store cluster's circuit
+    breakers as the shipped sidecar sets them (raised to 100,000: out of the way)."""
     return _with_filters(config, [])
+
+
+def stock(config: dict) -> dict:
+    """Envoy as it comes: only the router, and no `circuit_breakers` on the store cluster, so
+    Envoy's defaults apply (max_connections, max_pending_requests and max_requests 1024,
+    max_retries 3): what a sidecar without sessionguard gets unless someone tunes it."""
+    config = bare(config)
+    _store_cluster(config).pop("circuit_breakers", None)
+    return config
 
 
 def circuit_breaker(config: dict, max_requests: int) -> dict:
@@ -90,6 +100,7 @@ def wasm_only(config: dict, wasm_path: str, plugin_json: str = "{}") -> dict:
 
 ALL = {
     "bare": bare,
+    "stock-envoy": stock,
     "circuit-breaker": lambda c: circuit_breaker(c, 64),
     "adaptive-concurrency": adaptive_concurrency,
     "admission-control": admission_control,

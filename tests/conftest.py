@@ -9,7 +9,8 @@ import harness
 
 
 def pytest_sessionstart(session):
-    missing = [p for p in (harness.WASM, harness.KASK_SIM, harness.ENVOY) if not p.exists()]
+    missing = [p for p in (harness.WASM, harness.NOOP_WASM, harness.KASK_SIM, harness.SESSIONLOAD,
+                         harness.ENVOY) if not p.exists()]
     if missing:
         pytest.exit(f"build first (make build): missing {', '.join(map(str, missing))}", 2)
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target/wasm32-wasip1/release/sessionguard.wasm"
 KASK_SIM = ROOT / "target/release/kask-sim"
 SESSIONLOAD = ROOT / "target/release/sessionload"
+NOOP_WASM = ROOT / "target/wasm32-wasip1/release/noop_filter.wasm"
 ENVOY = ROOT / ".venv/bin/envoy"
 ENVOY_DIR = ROOT / "envoy"
 

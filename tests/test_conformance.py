@@ -79,6 +79,23 @@ def test_not_found_problems(port, path, instance):
     assert_problem(harness.request(port, "GET", path), NOT_FOUND, instance, 404)
 
 
+@pytest.mark.parametrize("raw,escaped,instance", [
+    ("/sessions/v1/a<b>", "/sessions/v1/a%3Cb%3E", "/sessions/v1/a<b>"),
+    ("/sessions/v1/enwiki:MWSession:<script>`{|}", "/sessions/v1/enwiki%3AMWSession%3A%3Cscript%3E%60%7B%7C%7D",
+     "/sessions/v1/enwiki:MWSession:<script>`{|}"),
+])
+def test_raw_characters_go_accepts_are_part_of_the_key(port, raw, escaped, instance):
+    """Kask (Go's net/http) refuses a request target only for control bytes and bad
+    escapes: a raw `<` or `>` is part of the key, the same key as its escaped spelling."""
+    assert_problem(harness.request(port, "GET", raw), NOT_FOUND, instance, 404)
+    assert harness.request(port, "POST", raw, b"raw").status == 201
+    for spelling in (raw, escaped):
+        r = harness.request(port, "GET", spelling)
+        assert (r.status, r.body) == (200, b"raw"), (spelling, r)
+    assert harness.request(port, "DELETE", escaped).status == 204
+    assert_problem(harness.request(port, "GET", raw), NOT_FOUND, instance, 404)
+
+
 @pytest.mark.parametrize("method,path,body,instance", [
     ("GET", "/sessions/v1/foo?bar", None, "/sessions/v1/foo"),
     ("GET", "/sessions/v1/foo?a=1", None, "/sessions/v1/foo"),

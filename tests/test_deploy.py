@@ -220,9 +220,10 @@ def go_json(value) -> str:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool") or str(ROOT / ".tools/bin/promtool")
-    assert Path(path).exists(), "promtool missing: run scripts/setup.sh"
-    return path
+    """The promtool scripts/setup.sh unpacks (Debian's), not whichever one is on PATH."""
+    path = ROOT / ".tools/bin/promtool"
+    assert path.exists(), "promtool missing: run scripts/setup.sh"
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------
@@ -553,9 +554,21 @@ def test_dockerfiles():
     assert "wasm32-wasip1" in " ".join(a for i, a in dockerfile("Dockerfile.wasm") if i == "RUN")
 
 
-def test_docker_build_context_resolves_the_workspace(workdir):
-    """What `COPY . .` sends (the repository less .dockerignore) is a complete workspace
-    whose Cargo.lock is current: `cargo build --locked` in the image will not fail on it."""
+def cargo_home() -> Path:
+    return Path(os.environ.get("CARGO_HOME") or Path.home() / ".cargo")
+
+
+def cargo(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    """cargo with its own CARGO_HOME (rustup's proxy still finds the toolchain through
+    RUSTUP_HOME, which is left alone), offline: the answer cannot depend on what this
+    machine happened to download before."""
+    env = {**os.environ, "CARGO_HOME": str(home), "CARGO_NET_OFFLINE": "true"}
+    return subprocess.run(["cargo", *args, "--offline"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def docker_context(workdir: Path) -> Path:
+    """A copy of what `COPY . .` sends: the repository less .dockerignore."""
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     for must in ("target", ".venv", ".git"):
@@ -564,12 +577,62 @@ def test_docker_build_context_resolves_the_workspace(workdir):
     context = workdir / "context"
     shutil.copytree(ROOT, context, symlinks=True,
                     ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in top) or n == "__pycache__"])
-    result = subprocess.run(["cargo", "metadata", "--locked", "--offline", "--format-version", "1"],
-                            cwd=context, capture_output=True, text=True, timeout=120)
+    return context
+
+
+def index_only_cargo_home(workdir: Path) -> Path:
+    """A CARGO_HOME holding this machine's registry index and no crate file: resolving
+    needs only the index, which any build of this workspace has fetched (the resolver
+    reads every platform's entries; only crate downloads are per platform)."""
+    home = workdir / "cargo-home-index"
+    (home / "registry").mkdir(parents=True)
+    index = Path(os.environ.get("CARGO_HOME") or Path.home() / ".cargo") / "registry/index"
+    assert index.is_dir(), f"no cargo registry index at {index}: run `make build` first"
+    (home / "registry/index").symlink_to(index)
+    return home
+
+
+def cargo(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    """cargo offline with its own CARGO_HOME (rustup's proxy still finds the toolchain
+    through RUSTUP_HOME, left alone): the answer cannot depend on what crates this machine
+    happened to download before."""
+    env = {**os.environ, "CARGO_HOME": str(home)}
+    return subprocess.run(["cargo", *args, "--offline"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_docker_build_context_resolves_the_workspace(workdir):
+    """The build context is a complete workspace whose Cargo.lock is current: `cargo build
+    --locked` in the image will not fail on it. Checked the way a fresh machine would: the
+    workspace with an empty CARGO_HOME, the lock with the registry index only (`cargo
+    metadata` without --no-deps wants every platform's crates, which a fresh machine lacks)."""
+    context = docker_context(workdir)
+    assert (context / "Cargo.lock").read_bytes() == (ROOT / "Cargo.lock").read_bytes()
+    empty = workdir / "cargo-home-empty"
+    empty.mkdir()
+    result = cargo(["metadata", "--locked", "--no-deps", "--format-version", "1"], context, empty)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads(result.stdout)
     members = {p["name"] for p in meta["packages"] if p["id"] in meta["workspace_members"]}
-    assert {"sessionguard", "kask-sim"} <= members
+    assert members == {"sessionguard", "kask-sim", "sessionload", "noop-filter"}, members
+    assert not (empty / "registry").exists()
+
+    home = index_only_cargo_home(workdir)
+    result = cargo(["update", "--workspace", "--locked"], context, home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (home / "registry/cache").exists(), "the lock check downloaded crates"
+
+
+def test_the_lock_check_fails_on_a_stale_lock(workdir):
+    """The check above can fail: a dependency added to a member's manifest without
+    updating Cargo.lock is refused."""
+    context = docker_context(workdir)
+    manifest = context / "tools/kask-sim/Cargo.toml"
+    text = manifest.read_text()
+    assert "[dependencies]\n" in text
+    manifest.write_text(text.replace("[dependencies]\n", "[dependencies]\nitoa = \"1\"\n", 1))
+    result = cargo(["update", "--workspace", "--locked"], context, index_only_cargo_home(workdir))
+    assert result.returncode != 0 and "--locked" in result.stderr, result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------

@@ -86,7 +86,10 @@ def full_limit_usable(envoy, n=LIMIT):
 def test_randomized_faults_leave_no_leak(kask, envoy, faults):
     total = int(os.environ.get("SG_FAULT_REQUESTS", "5000"))
     store, proxy = start(kask, envoy, faults, plugin())
-    warm = faultmix.run_mix(proxy.port, 1000, concurrency=64, seed=7)
+    # The warm-up runs at the storm's concurrency, so that Envoy's connection pools and
+    # buffers reach their plateau before the baseline is taken (critical requests may
+    # hold the whole limit beside the sheddable ones, ~96 in flight).
+    warm = faultmix.run_mix(proxy.port, 1000, concurrency=96, seed=7)
     faultmix.wait_idle(proxy)
     rss0, heap0 = faultmix.rss_kb(proxy.proc.pid), allocated(proxy)
 
@@ -104,7 +107,15 @@ def test_randomized_faults_leave_no_leak(kask, envoy, faults):
     occupancy = harness.wait_for(
         lambda: proxy.stats().get("sessionguard.negcache.occupancy"), 10, "an occupancy scan")
     assert 0 < occupancy <= CAPACITY
-    rss1, heap1 = faultmix.rss_kb(proxy.proc.pid), allocated(proxy)
+    # Upstream connections held by the fault server's 30 s stalls close on their own
+    # time and take their buffers with them; a leak never gives its memory back. So
+    # the heap gets until those stalls are over to come back within the bound.
+    deadline = time.monotonic() + 35
+    heap1 = allocated(proxy)
+    while heap1 - heap0 >= 4 * 1024 * 1024 and time.monotonic() < deadline:
+        time.sleep(1)
+        heap1 = allocated(proxy)
+    rss1 = faultmix.rss_kb(proxy.proc.pid)
     print(f"envoy RSS {rss0} -> {rss1} KiB, heap {heap0 // 1024} -> {heap1 // 1024} KiB "
           f"after warm-up {warm.sent} + storm {result.sent}")
     # A leak of even 1 KiB per request would show as several MiB here.
@@ -118,10 +129,14 @@ def test_randomized_faults_leave_no_leak(kask, envoy, faults):
     assert_healthy(proxy)
 
 
+# How soon after the store is back a read of an acknowledged write must succeed.
+READ_BACK_WITHIN_S = 10.0
+
+
 def test_store_killed_and_restarted_mid_load(kask, envoy, faults):
     """Admission control on (the default): the store dies under load, comes back on the
     same port with its data; the filter sheds or passes, then recovers, and every
-    acknowledged POST is still readable."""
+    acknowledged POST is readable within a few seconds of the store being back."""
     store, proxy = start(kask, envoy, faults,
                          plugin(admission={"min_requests": 20, "window_secs": 3}))
     mix = [("ok", 1)]
@@ -136,16 +151,20 @@ def test_store_killed_and_restarted_mid_load(kask, envoy, faults):
     threads = [threading.Thread(target=load, args=(s,)) for s in (1, 2)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    # Writes acknowledged before the crash exist, however slow the machine.
+    harness.wait_for(lambda: any(r.acked for r in list(results)), 60, "a batch of load before the kill")
     store.kill()                      # SIGKILL mid-load
-    time.sleep(2.0)
-    down_results = len(results)
+    before_kill = len(results)
+    time.sleep(2.0)                   # the store stays down 2 s under load
     store.start(port=store.port)      # same port, same data directory
+    back = time.monotonic()
     # Recovery: within a bounded time, writes succeed again.
     harness.wait_for(lambda: harness.request(proxy.port, "POST", "/sessions/v1/probe",
                                              b"PHP.p").status == 201, 20,
                      "writes to succeed after the store is back")
-    time.sleep(2.0)
+    # Load goes on after the recovery, until at least one batch ran entirely after it.
+    after_recovery = len(results)
+    harness.wait_for(lambda: len(results) >= after_recovery + 2, 60, "load after the recovery")
     stop.set()
     for t in threads:
         t.join(timeout=60)
@@ -157,24 +176,40 @@ def test_store_killed_and_restarted_mid_load(kask, envoy, faults):
         acked.update(r.acked)
         for k in r.deleted:
             acked.pop(k, None)
-    # While the store was down, Envoy answered 503 (no upstream) or the filter shed.
+    # While the store was down, Envoy answered 503 (no upstream) or the filter shed; and
+    # the load did meet the dead store.
     unexpected = [u for r in results for u in r.unexpected
                   if not (len(u) == 3 and u[2] in (502, 503, 504))]
     assert unexpected == [], unexpected[:10]
-    assert down_results >= 1
-    # An acknowledged write survives the crash and is readable through the filter.
-    checked = 0
+    refused = sum(v for k, v in outcomes.items()
+                  if k.split(":")[1].startswith("shed_") or k.endswith(("_502", "_503", "_504")))
+    assert refused >= 1, outcomes
+    # An acknowledged write survives the crash and is readable through the filter within a
+    # few seconds of the store being back (until then only a 503 is acceptable).
+    checked = set()
     for key, value in acked.items():
-        if key.startswith("uniq"):
+        if not key.startswith("uniq"):
+            continue
+        while True:
             r = harness.request(proxy.port, "GET", "/sessions/v1/" + key)
-            assert (r.status, r.body) == (200, value), key
-            checked += 1
-    assert checked > 20, checked
-    # After recovery the filter passes traffic again (nothing shed forever).
-    after = faultmix.run_mix(proxy.port, 300, concurrency=16, seed=99, mix=mix)
-    ok = sum(v for k, v in after.outcomes.items() if k.split(":")[1].split("_")[-1] in
-             ("200", "201", "204", "404"))
-    assert ok >= 0.9 * after.sent, after.summary()
+            if (r.status, r.body) == (200, value):
+                break
+            assert r.status == 503 and time.monotonic() < back + READ_BACK_WITHIN_S, (
+                key, r.status, r.headers.get("x-sessionguard-shed"), time.monotonic() - back)
+            time.sleep(0.1)
+        checked.add(key)
+    assert len(checked) > 20, len(checked)
+    # Among them, writes acknowledged before the crash.
+    before = {k for r in results[:before_kill] for k in r.acked}
+    assert before & checked, (len(before), len(checked))
+    # After recovery the filter passes traffic again (nothing shed forever): within a few
+    # admission windows, a batch is at least 90% answered by the store.
+    def passes_again():
+        after = faultmix.run_mix(proxy.port, 300, concurrency=16, seed=99, mix=mix)
+        ok = sum(v for k, v in after.outcomes.items() if k.split(":")[1].split("_")[-1] in
+                 ("200", "201", "204", "404"))
+        return ok >= 0.9 * after.sent
+    harness.wait_for(passes_again, 20, "a batch at least 90% answered by the store", interval=0.5)
     faultmix.wait_idle(proxy)
     assert_healthy(proxy)
 
@@ -328,8 +363,10 @@ def _status(port):
 
 def test_oversized_requests_are_refused_by_envoy_before_the_filter(sidecar):
     store, proxy = sidecar(plugin=plugin())
-    time.sleep(0.3)
-    before = sum(v for k, v in proxy.stats().items() if k.startswith("sessionguard.requests."))
+
+    def counted():
+        return sum(v for k, v in proxy.stats().items() if k.startswith("sessionguard.requests."))
+    before = counted()
     big = faultmix.run_mix(proxy.port, 200, concurrency=20, seed=5,
                            mix=[("oversized", 1), ("header_flood", 1)])
     assert big.unexpected == [], big.unexpected[:5]
@@ -341,10 +378,11 @@ def test_oversized_requests_are_refused_by_envoy_before_the_filter(sidecar):
         r = harness.request(proxy.port, "GET", "/sessions/v1/" + long_key)
         assert r.status == 404
     assert json.loads(r.body)["instance"] == "/sessions/v1/" + long_key
-    time.sleep(0.5)  # counters are exported on the next tick
-    after = sum(v for k, v in proxy.stats().items() if k.startswith("sessionguard.requests."))
+    # Counters are exported on a tick: wait for the two, then see that no more arrive.
+    harness.wait_for(lambda: counted() - before >= 2, 5, "the two long-path GETs counted")
+    time.sleep(0.5)
     # Only the two long-path GETs reached the filter; the 200 oversized ones did not.
-    assert after - before == 2, (before, after)
+    assert counted() - before == 2, (before, counted())
     assert_healthy(proxy)
 
 

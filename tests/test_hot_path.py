@@ -33,10 +33,9 @@ TICK_BUDGET = 16
 
 @pytest.fixture(scope="module")
 def counts():
-    if not NODE:
-        pytest.skip("node is not installed (make setup installs wasm-bindgen's runner, which needs it)")
+    assert NODE, "node missing: run scripts/setup.sh (it installs Debian's nodejs)"
     r = subprocess.run([NODE, "scripts/hostcalls.mjs", "--json", str(harness.WASM),
-                        str(harness.ROOT / "target/wasm32-wasip1/release/noop_filter.wasm")],
+                        str(harness.NOOP_WASM)],
                        cwd=harness.ROOT, capture_output=True, text=True, timeout=120)
     out = json.loads(r.stdout)
     failed = [p["name"] for p in out["paths"] if not p["ok"]]

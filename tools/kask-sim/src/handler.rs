@@ -26,6 +26,8 @@ pub struct App {
     pub memory: Arc<MemoryModel>,
     pub backend: Backend,
     pub knobs: Knobs,
+    /// Extra fixed latency for GETs only (a store whose reads are slow and writes fast).
+    pub read_delay: Duration,
     pub parallelism: usize,
 }
 
@@ -135,7 +137,7 @@ async fn key_request(
         KeyParse::BadRequest => return (problem(Problem::BadRequest, path), 400),
     };
     match *req.method() {
-        Method::GET => match storage(app, Job::Get(key)).await {
+        Method::GET => match read(app, key).await {
             Ok(Outcome::Value(Some(v))) => {
                 (response(200, Some("application/octet-stream"), v), 200)
             }
@@ -164,6 +166,14 @@ async fn key_request(
         },
         _ => (problem(Problem::BadRequest, path), 400),
     }
+}
+
+/// A GET's storage call, after the extra read latency if any.
+async fn read(app: &App, key: Vec<u8>) -> Result<Outcome, ()> {
+    if !app.read_delay.is_zero() {
+        tokio::time::sleep(app.read_delay).await;
+    }
+    storage(app, Job::Get(key)).await
 }
 
 /// A storage call as Kask makes it to Cassandra: injected latency, injected failure, then the

@@ -13,6 +13,7 @@ mod server;
 mod store;
 mod supervise;
 mod units;
+mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -101,6 +102,11 @@ struct ServeArgs {
     /// Extra fixed latency in milliseconds for every key request (GET, POST, DELETE).
     #[arg(long, value_name = "MS", default_value_t = 0, value_parser = parse_delay)]
     get_delay_ms: u64,
+
+    /// Extra fixed latency in milliseconds for GETs only, on top of --get-delay-ms (reads
+    /// that wait on a slow backend while writes are fast).
+    #[arg(long, value_name = "MS", default_value_t = 0, value_parser = parse_delay)]
+    read_delay_ms: u64,
 
     /// Fraction of key requests answered with Kask's 500 problem.
     #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_error_rate)]
@@ -246,6 +252,7 @@ fn main() {
                 release_delay: Duration::from_secs(a.release_delay_secs),
                 memory_limit: a.memory_limit,
                 get_delay_ms: a.get_delay_ms,
+                read_delay_ms: a.read_delay_ms,
                 error_rate: a.error_rate,
                 control: a.control,
             })

@@ -21,6 +21,7 @@ use crate::log;
 use crate::memory::MemoryModel;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::wire::GoTargets;
 
 /// How long in-flight requests get to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +38,7 @@ pub struct ServeConfig {
     pub release_delay: Duration,
     pub memory_limit: Option<u64>,
     pub get_delay_ms: u64,
+    pub read_delay_ms: u64,
     pub error_rate: f64,
     pub control: bool,
 }
@@ -94,6 +96,7 @@ async fn serve(cfg: ServeConfig) -> Result<(Arc<App>, Arc<Store>), String> {
         memory,
         backend,
         knobs: Knobs::new(cfg.get_delay_ms, cfg.error_rate),
+        read_delay: Duration::from_millis(cfg.read_delay_ms),
         parallelism: cfg.backend_parallelism,
     });
 
@@ -152,7 +155,8 @@ async fn serve(cfg: ServeConfig) -> Result<(Arc<App>, Arc<Store>), String> {
                     let app = Arc::clone(&app);
                     async move { Ok::<_, std::convert::Infallible>(handler::handle(app, req).await) }
                 });
-                let conn = http.serve_connection(TokioIo::new(stream), service);
+                // Request targets as Go reads them (hyper's URI parser refuses some Kask accepts).
+                let conn = http.serve_connection(TokioIo::new(GoTargets::new(stream)), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;

@@ -534,6 +534,35 @@ mod tests {
         assert_eq!(one.sample(&mut rng), 1);
     }
 
+    /// `zipf_s = 0` is the uniform distribution, also over a space far larger than any
+    /// negative cache (the replay's surges: 10^9 keys): every rank is as likely, and draws
+    /// almost never repeat.
+    #[test]
+    fn zipf_s_zero_is_uniform_over_a_huge_space() {
+        let n = 1_000_000_000u64;
+        let z = Zipf::new(n, 0.0);
+        let mut rng = Rng::new(17);
+        let draws = 200_000u64;
+        let mut seen = HashSet::new();
+        let mut deciles = [0u64; 10];
+        for _ in 0..draws {
+            let k = z.sample(&mut rng);
+            assert!((1..=n).contains(&k), "rank {k} out of 1..={n}");
+            seen.insert(k);
+            deciles[((k - 1) * 10 / n) as usize] += 1;
+        }
+        // Expected repeats among 2e5 uniform draws over 1e9: ~20.
+        assert!(
+            draws - seen.len() as u64 <= 100,
+            "{} repeats",
+            draws - seen.len() as u64
+        );
+        // Each tenth of the space gets a tenth of the draws (sd ~134).
+        for (i, &c) in deciles.iter().enumerate() {
+            assert!(c.abs_diff(draws / 10) < 1000, "decile {i}: {c} of {draws}");
+        }
+    }
+
     #[test]
     fn keys_look_like_mediawiki() {
         let names = KeyNames::new(vec!["enwiki".into(), "dewiki".into()], 1, 99);
