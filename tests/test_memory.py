@@ -50,10 +50,11 @@ def capacity(service_ms: float) -> float:
     return PARALLELISM * 1000 / service_ms
 
 
-def kask_flags(limit: int, service_ms: float) -> list[str]:
+def kask_flags(limit: int, service_ms: float, delay_ms: int = 0) -> list[str]:
+    delay = ["--get-delay-ms", str(delay_ms)] if delay_ms else []
     return ["--memory-limit", str(limit), "--per-request-bytes", "20Ki",
             "--backend-parallelism", str(PARALLELISM), "--service-time-ms", str(service_ms),
-            "--release-delay-secs", "120"]
+            "--release-delay-secs", "120", *delay]
 
 
 #: Acceptance: peak resident memory of the store, as a share of its limit.
@@ -189,10 +190,10 @@ class Sampler(threading.Thread):
 
 
 def run_case(workdir: Path, limit: int, service_ms: float, shape: list,
-             with_filter: bool = True) -> dict:
+             with_filter: bool = True, delay_ms: int = 0) -> dict:
     """One run; everything measured, nothing asserted."""
     workdir.mkdir(parents=True, exist_ok=True)
-    kask = Supervised(workdir, kask_flags(limit, service_ms))
+    kask = Supervised(workdir, kask_flags(limit, service_ms, delay_ms))
     envoy = None
     sampler = None
     try:
@@ -226,7 +227,7 @@ def run_case(workdir: Path, limit: int, service_ms: float, shape: list,
     surge_end = shape[0][1] + shape[1][1]
     return {
         "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "limit": limit, "service_ms": service_ms, "shape": shape,
+        "limit": limit, "service_ms": service_ms, "delay_ms": delay_ms, "shape": shape,
         "load_average": os.getloadavg(), "with_filter": with_filter, "surge_end": surge_end,
         "oom_kills": sum(1 for e in kills if e.get("oom")),
         "sigkills": len(kills),
@@ -464,6 +465,9 @@ if __name__ == "__main__":
     ap.add_argument("--surge", type=float, default=3.0)
     ap.add_argument("--hold", type=int, default=30, help="seconds of surge")
     ap.add_argument("--bare", action="store_true", help="without the filter")
+    ap.add_argument("--delay-ms", type=int, default=0,
+                    help="kask-sim --get-delay-ms: every key request waits this long (slow, cheap)")
+    ap.add_argument("--surge-rate", type=int, help="the surge's rate in requests/s (not x capacity)")
     ap.add_argument("--service-ms", type=float, default=DEMO_SERVICE_MS,
                     help="kask-sim's mean service time (capacity = 4000 / this)")
     ap.add_argument("--docs", action="store_true",
@@ -474,8 +478,10 @@ if __name__ == "__main__":
     results = []
     for limit, surge in runs:
         shape = phases(args.service_ms, surge, 5, args.hold, 10)
+        if args.surge_rate:
+            shape[1] = ("surge", args.hold, args.surge_rate)
         r = run_case(base / f"{limit // MiB}-{surge}", limit, args.service_ms, shape,
-                     with_filter=not args.bare)
+                     with_filter=not args.bare, delay_ms=args.delay_ms)
         results.append(r)
         print(describe(r), flush=True)
         print_series(r)
