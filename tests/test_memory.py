@@ -100,9 +100,12 @@ delete      = 0.01
 [keys]
 reader_space = 1000000000
 zipf_s = 0
-session_pool = 4000
+# Every session exists before the run (sessionload counts a session as live from the moment
+# its creating write is sent; a read of it before that write is answered is not a logged-in
+# user's read, and the filter rightly does not know it yet).
+session_pool = 1000
 prefill = 1000
-prefill_rate = 200
+prefill_rate = 250
 
 {body}""")
     return path
@@ -300,12 +303,12 @@ def test_without_the_filter_the_store_is_oom_killed(cases):
 
 
 #: make test's bars for writes and logged-in reads are a little below the acceptance's (99.9%
-#: and 99%, checked by the acceptance run): in a 10 s step a handful of critical requests are
-#: shed while the limiter's critical reserve catches up with the step, and a logged-in read of
-#: a session whose first write has not been answered yet is not known to be critical (it is
-#: sheddable by design). docs/memory.md gives both.
+#: and 99%, checked by the acceptance run): one shed write in ~700 (the limiter's critical
+#: reserve catching up with the step) would fail 99.9%, and the sessions that replace deleted
+#: ones are read, now and then, before the filter has seen their first write answered (such a
+#: read is sheddable by design). docs/memory.md gives both.
 SMOKE_WRITES_MIN = 0.995
-SMOKE_USER_READS_MIN = 0.97
+SMOKE_USER_READS_MIN = 0.985
 
 
 def test_memory_shedding_alone_keeps_the_store_alive_and_serves_users(cases):
