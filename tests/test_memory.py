@@ -493,5 +493,5 @@ if __name__ == "__main__":
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"results: {out / 'results.json'}")
     if args.docs:
-        write_results(results, "python " + " ".join(["tests/test_memory.py", *sys.argv[1:]]))
+        write_results(results, " ".join([".venv/bin/python", "tests/test_memory.py", *sys.argv[1:]]))
     sys.exit(0 if all(not failures(r) for r in results if r["with_filter"]) else 1)
