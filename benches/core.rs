@@ -369,7 +369,7 @@ fn bench_prom(c: &mut Criterion) {
         let mut now = NOW_MS;
         b.iter(|| {
             now += 1000;
-            tracker.on_sample(0, black_box(&body), now).is_ok()
+            tracker.on_sample(0, black_box(&body), 0, now).is_ok()
         })
     });
     g.finish();

@@ -26,6 +26,7 @@
 //! Dependencies point one way: tests/module_graph.rs fails on an import cycle.
 
 pub mod admission;
+pub mod ceiling;
 pub mod classify;
 pub mod clock;
 pub mod config;

@@ -40,25 +40,27 @@
 //!
 //! # The curve
 //!
-//! With `r` the ratio of the worst fresh endpoint to `memory_limit_bytes`:
-//! - `r <= soft`: nothing is shed; the limit factor is 1.
+//! The in-flight ceiling ([`crate::ceiling`]) is the memory guard: it keeps the
+//! store's demand under `critical` x `memory_limit_bytes` by refusing requests
+//! (critical ones too, inside the limiter's reserve for them) once the requests in
+//! flight would fill the headroom. The curve steers sheddable traffic on the memory
+//! itself, for what the ceiling does not explain. With `r` the ratio of the worst
+//! fresh endpoint to `memory_limit_bytes`:
+//! - `r <= soft`: nothing is shed;
 //! - `soft < r < hard`: sheddable traffic is shed with probability `x²`, where
 //!   `x = (r − soft)/(hard − soft)`: gentle at first (a quarter at mid-band), so a
-//!   small excess costs little traffic, and all of it at `hard`.
-//! - `r >= hard`: all sheddable traffic is shed, and the concurrency limit is scaled
-//!   by a factor falling linearly from 1 at `hard` to `min_limit_factor` at `critical`.
-//!   Critical traffic is still admitted.
-//! - `r >= critical`: critical traffic is shed too, with a probability rising
-//!   linearly from 0 at `critical` to `critical_max_shed` at the limit itself
-//!   (`r = 1`; at once if `critical >= 1`): an OOM kill serves no one.
+//!   small excess costs little traffic, and all of it at `hard`;
+//! - `r >= hard`: all sheddable traffic is shed. Critical traffic is never shed by
+//!   the curve: the ceiling decides for it (at least a few requests at a time,
+//!   so the store always makes progress).
 //!
 //! Severity (for `Retry-After`) is `(r − soft)/(critical − soft)`, clamped to [0, 1].
 //!
 //! # Smoothing
 //!
 //! A rising sample is taken as is, so pressure is acted on within one poll. A
-//! falling one is blended, `s·previous + (1 − s)·sample` with `s = fall_smoothing`
-//! (0.5 by default): one lucky poll does not switch shedding off, yet after a surge
+//! falling one is blended, `s·previous + (1 − s)·sample` with `s` = 0.5
+//! ([`FALL_SMOOTHING`]): one lucky poll does not switch shedding off, yet after a surge
 //! the ratio halves its distance to the real value every poll, so shedding stops
 //! within one or two polls (from a ratio of 0.9 to a demand of 0.3: 0.6 at the
 //! first poll, below `soft`).
@@ -72,8 +74,7 @@
 //!   `Failing` while its last good sample is still younger than `max_sample_age_ms`,
 //!   then `Failed`. Holding the last sample a few seconds is deliberate: a store too
 //!   overloaded to answer its `/metrics` in time is the one that most needs
-//!   protection. `drop_on_failure: true` makes a failed poll stop the endpoint
-//!   driving at once instead;
+//!   protection;
 //! - a sample that grows old without any newer result (the poller stopped) makes it
 //!   `Stale`.
 //!
@@ -85,18 +86,32 @@
 //! One elected worker polls and feeds a [`PressureTracker`]; on every tick it
 //! publishes [`PressureTracker::snapshot`] under [`SNAPSHOT_KEY`] ([`publish`]). Every
 //! worker reads it back on its tick ([`load`]), keeps the [`PressureSnapshot`], and
-//! calls [`PressureSnapshot::decide`] per request: pure arithmetic, no hostcall. A
-//! snapshot older than `max_sample_age_ms` (the poller died) is ignored. The layout
-//! is fixed ([`SNAPSHOT_LEN`] bytes, checksummed); see [`PressureSnapshot::encode`].
+//! calls [`PressureSnapshot::decide`] per request: pure arithmetic, no hostcall. The
+//! snapshot also carries the in-flight ceiling ([`PressureSnapshot::max_in_flight`]:
+//! the tightest endpoint's, see [`crate::ceiling`]), which every worker hands to its
+//! limiter; the limiter checks it on every request against the exact global count.
+//! A snapshot older than `max_sample_age_ms` (the poller died) is ignored; the worker
+//! then keeps the last ceiling it saw. The layout is fixed ([`SNAPSHOT_LEN`] bytes,
+//! checksummed); see [`PressureSnapshot::encode`].
+//!
+//! # Polling
+//!
+//! The poller records the filter's global in-flight count with each sample (for the
+//! ceiling) and asks [`PressureTracker::next_poll_in_ms`] when to poll next: fast while
+//! memory is high, rising or the ceiling half full, ten times slower when idle.
 
 use std::fmt;
 
 use serde::Deserialize;
 
+use crate::ceiling::{
+    self, Estimator, MAX_BYTES_PER_REQUEST, MAX_CEILING, MIN_BYTES_PER_REQUEST, MIN_CEILING,
+};
 use crate::classify::Criticality;
 use crate::config::{check_range, check_unit, field, ConfigError};
 use crate::prom::{find_many, PromError, Selector};
 use crate::shared::{update, SharedStore, UpdateError};
+use crate::wire::f64_to_u32;
 
 // ---------------------------------------------------------------------------------
 // Configuration
@@ -106,6 +121,18 @@ use crate::shared::{update, SharedStore, UpdateError};
 pub const MAX_ENDPOINTS: usize = 256;
 /// Most demand gauges summed.
 pub const MAX_DEMAND_GAUGES: usize = 8;
+/// Weight of the previous ratio when a sample is lower (module docs, "Smoothing").
+pub const FALL_SMOOTHING: f64 = 0.5;
+/// The store's start time, read when present: a change is a restart (the per-request
+/// estimate then starts a new window, see [`crate::ceiling`]).
+pub const START_TIME_GAUGE: &str = "process_start_time_seconds";
+/// Idle polls are this many times slower than `poll_interval_ms`...
+const IDLE_POLL_FACTOR: u64 = 10;
+/// ...but at most this far apart.
+const IDLE_POLL_MAX_MS: u64 = 1000;
+/// A demand that grew by more than this share of the limit since the previous sample
+/// is rising: poll fast.
+const RISING_SHARE: f64 = 0.01;
 /// A limit below this is surely a unit mistake (MiB written for bytes).
 const MIN_MEMORY_LIMIT_BYTES: u64 = 1 << 20;
 
@@ -178,17 +205,12 @@ pub struct MemoryConfig {
     pub demand_gauges: Vec<String>,
     pub soft: f64,
     pub hard: f64,
-    /// Above this ratio even critical traffic is shed: an OOM kill serves no one.
+    /// The line the in-flight ceiling keeps the store's demand under (a ratio of
+    /// the limit); above it critical traffic is refused too: an OOM kill serves no one.
     pub critical: f64,
-    /// Probability of shedding critical traffic reached at the limit itself.
-    pub critical_max_shed: f64,
-    /// Factor applied to the concurrency limit at `critical` (1 at `hard`).
-    pub min_limit_factor: f64,
-    /// Weight of the previous ratio when a sample is lower (0 = no smoothing).
-    pub fall_smoothing: f64,
-    /// true: a failed poll stops the endpoint driving shedding at once; false: its
-    /// last good sample keeps driving until it is `max_sample_age_ms` old.
-    pub drop_on_failure: bool,
+    /// The store's memory per request in flight, if the operator knows it; `None`:
+    /// learned from the polls (see [`crate::ceiling`]).
+    pub bytes_per_request: Option<u64>,
 }
 
 impl Default for MemoryConfig {
@@ -198,7 +220,7 @@ impl Default for MemoryConfig {
             enforce: true,
             memory_limit_bytes: 0,
             endpoints: vec![MetricsEndpoint::default()],
-            poll_interval_ms: 1000,
+            poll_interval_ms: 100,
             timeout_ms: 500,
             max_sample_age_ms: 5000,
             gauge: "process_resident_memory_bytes".to_string(),
@@ -210,13 +232,10 @@ impl Default for MemoryConfig {
                 "go_memstats_heap_inuse_bytes".to_string(),
                 "go_memstats_stack_inuse_bytes".to_string(),
             ],
-            soft: 0.70,
-            hard: 0.85,
-            critical: 0.95,
-            critical_max_shed: 0.5,
-            min_limit_factor: 0.5,
-            fall_smoothing: 0.5,
-            drop_on_failure: false,
+            soft: 0.65,
+            hard: 0.78,
+            critical: 0.78,
+            bytes_per_request: None,
         }
     }
 }
@@ -311,25 +330,16 @@ impl MemoryConfig {
         }
         check_unit(&field(section, "soft"), self.soft, 0.01, 1.0)?;
         check_unit(&field(section, "hard"), self.hard, self.soft, 1.0)?;
-        check_unit(&field(section, "critical"), self.critical, self.hard, 2.0)?;
-        check_unit(
-            &field(section, "critical_max_shed"),
-            self.critical_max_shed,
-            0.0,
-            1.0,
-        )?;
-        check_unit(
-            &field(section, "min_limit_factor"),
-            self.min_limit_factor,
-            0.01,
-            1.0,
-        )?;
-        check_unit(
-            &field(section, "fall_smoothing"),
-            self.fall_smoothing,
-            0.0,
-            0.95,
-        )
+        check_unit(&field(section, "critical"), self.critical, self.hard, 1.0)?;
+        if let Some(b) = self.bytes_per_request {
+            check_range(
+                &field(section, "bytes_per_request"),
+                b,
+                MIN_BYTES_PER_REQUEST,
+                MAX_BYTES_PER_REQUEST,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -337,14 +347,12 @@ impl MemoryConfig {
 // The curve
 // ---------------------------------------------------------------------------------
 
-/// Ratio → shed probabilities, limit factor and severity (see the module docs).
+/// Ratio → shed probability of sheddable traffic and severity (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Curve {
     pub soft: f64,
     pub hard: f64,
     pub critical: f64,
-    pub critical_max_shed: f64,
-    pub min_limit_factor: f64,
 }
 
 impl Curve {
@@ -353,8 +361,6 @@ impl Curve {
             soft: cfg.soft,
             hard: cfg.hard,
             critical: cfg.critical,
-            critical_max_shed: cfg.critical_max_shed,
-            min_limit_factor: cfg.min_limit_factor,
         }
     }
 
@@ -368,36 +374,6 @@ impl Curve {
         } else {
             let x = (r - self.soft) / (self.hard - self.soft);
             unit(x * x)
-        }
-    }
-
-    /// Probability of shedding a critical request: 0 below `critical`, then linear up
-    /// to `critical_max_shed` at `r = 1`.
-    pub fn critical(&self, r: f64) -> f64 {
-        if r.is_nan() || r < self.critical {
-            0.0
-        } else if self.critical >= 1.0 || r >= 1.0 {
-            unit(self.critical_max_shed)
-        } else {
-            unit(self.critical_max_shed * (r - self.critical) / (1.0 - self.critical))
-        }
-    }
-
-    /// Factor for the concurrency limit: 1 up to `hard`, linear down to
-    /// `min_limit_factor` at `critical`, constant beyond. Always in (0, 1].
-    pub fn limit_factor(&self, r: f64) -> f64 {
-        let min = if self.min_limit_factor.is_finite() {
-            self.min_limit_factor.clamp(0.01, 1.0)
-        } else {
-            1.0
-        };
-        if r.is_nan() || r <= self.hard {
-            1.0
-        } else if r >= self.critical {
-            min
-        } else {
-            let x = (r - self.hard) / (self.critical - self.hard);
-            (1.0 - (1.0 - min) * x).clamp(min, 1.0)
         }
     }
 
@@ -586,6 +562,10 @@ pub struct Reading {
     /// The ratio this endpoint now contributes to the decision (smoothed, ceiling rule
     /// applied).
     pub decision_ratio: f64,
+    /// The in-flight ceiling this sample gives.
+    pub max_in_flight: u32,
+    /// This endpoint's estimate of the store's memory per request in flight (bytes).
+    pub bytes_per_request: f64,
 }
 
 /// Why [`PressureTracker::on_sample`] took no sample.
@@ -622,10 +602,19 @@ struct Endpoint {
     failures: u64,
     consecutive_failures: u32,
     expirations: u64,
+    /// Learns this store's memory per request in flight.
+    estimator: Estimator,
+    /// The in-flight ceiling computed at the last good sample.
+    max_in_flight: Option<u32>,
+    /// The demand (bytes) of the last good sample, and whether the one before was
+    /// lower by a poll-worth of growth (see [`PressureTracker::next_poll_in_ms`]).
+    last_demand: f64,
+    rising: bool,
+    last_in_flight: u32,
 }
 
 impl Endpoint {
-    fn new() -> Self {
+    fn new(bytes_per_request: Option<u64>) -> Self {
         Endpoint {
             last_ok_ms: None,
             failure: None,
@@ -638,6 +627,28 @@ impl Endpoint {
             failures: 0,
             consecutive_failures: 0,
             expirations: 0,
+            estimator: Estimator::new(bytes_per_request),
+            max_in_flight: None,
+            last_demand: 0.0,
+            rising: false,
+            last_in_flight: 0,
+        }
+    }
+
+    /// This endpoint's in-flight ceiling now: the one from its last sample while that
+    /// sample drives; otherwise (no young sample) the larger of that one and the
+    /// headroom at rest, so that an old number never sheds forever; with no sample
+    /// ever, the whole line at the estimated cost.
+    fn in_flight_ceiling(&self, line: f64) -> u32 {
+        let b = self.estimator.per_request();
+        let at_rest = match self.estimator.rest_memory() {
+            Some(rest) => ceiling::ceiling(0, rest, line, b),
+            None => ceiling::blind_ceiling(line, b),
+        };
+        match self.max_in_flight {
+            Some(c) if self.kind.drives() => c,
+            Some(c) => c.max(at_rest),
+            None => at_rest,
         }
     }
 
@@ -645,13 +656,13 @@ impl Endpoint {
         self.last_ok_ms.map(|t| now_ms.saturating_sub(t))
     }
 
-    fn derive(&self, now_ms: u64, max_age_ms: u64, drop_on_failure: bool) -> StatusKind {
+    fn derive(&self, now_ms: u64, max_age_ms: u64) -> StatusKind {
         let young = self.age(now_ms).is_some_and(|age| age <= max_age_ms);
         match (&self.failure, self.last_ok_ms) {
             (None, None) => StatusKind::Pending,
             (None, Some(_)) if young => StatusKind::Fresh,
             (None, Some(_)) => StatusKind::Stale,
-            (Some(_), _) if young && !drop_on_failure => StatusKind::Failing,
+            (Some(_), _) if young => StatusKind::Failing,
             (Some(_), _) => StatusKind::Failed,
         }
     }
@@ -692,12 +703,16 @@ pub struct PressureTracker {
     /// Bytes; infinite when unset, so that every ratio is 0.
     limit: f64,
     max_age_ms: u64,
-    fall_smoothing: f64,
-    drop_on_failure: bool,
-    /// `selectors[0]` is the ceiling, then `demands` demand gauges, then the retained
-    /// pair (if configured).
+    /// `selectors[0]` is the ceiling, then `demands` demand gauges, then `retained`
+    /// retained gauges (0 or 2), then the store's start time.
     selectors: Vec<Selector>,
     demands: usize,
+    retained: usize,
+    /// Memory (bytes) the in-flight ceiling keeps the store under: `critical` x limit.
+    line: f64,
+    /// Poll intervals while memory is high or rising, and otherwise.
+    fast_poll_ms: u64,
+    idle_poll_ms: u64,
     scratch: Vec<Result<f64, PromError>>,
     endpoints: Vec<Endpoint>,
     last: PressureSnapshot,
@@ -714,21 +729,29 @@ impl PressureTracker {
         selectors.push(parse(&cfg.gauge));
         selectors.extend(cfg.demand_gauges.iter().map(parse));
         selectors.extend(cfg.retained_gauges.iter().map(parse));
+        selectors.push(Selector::name_only(START_TIME_GAUGE));
         let n = cfg.endpoints.len().min(MAX_ENDPOINTS);
+        let limit = if cfg.memory_limit_bytes == 0 {
+            f64::INFINITY
+        } else {
+            cfg.memory_limit_bytes as f64
+        };
+        let fast_poll_ms = cfg.poll_interval_ms.max(1);
         PressureTracker {
             curve: Curve::from_config(cfg),
-            limit: if cfg.memory_limit_bytes == 0 {
-                f64::INFINITY
-            } else {
-                cfg.memory_limit_bytes as f64
-            },
+            limit,
+            line: limit * cfg.critical.clamp(0.0, 1.0),
+            fast_poll_ms,
+            idle_poll_ms: (fast_poll_ms * IDLE_POLL_FACTOR)
+                .min(IDLE_POLL_MAX_MS)
+                .min(cfg.max_sample_age_ms / 2)
+                .max(fast_poll_ms),
             max_age_ms: cfg.max_sample_age_ms,
-            fall_smoothing: unit(cfg.fall_smoothing),
-            drop_on_failure: cfg.drop_on_failure,
             scratch: Vec::with_capacity(selectors.len()),
             demands: cfg.demand_gauges.len(),
+            retained: cfg.retained_gauges.len(),
             selectors,
-            endpoints: vec![Endpoint::new(); n],
+            endpoints: vec![Endpoint::new(cfg.bytes_per_request); n],
             last: PressureSnapshot::idle(0, n),
         }
     }
@@ -737,7 +760,9 @@ impl PressureTracker {
         self.endpoints.len()
     }
 
-    /// Feeds the body of a 200 response from endpoint `endpoint`.
+    /// Feeds the body of a 200 response from endpoint `endpoint`, with the filter's
+    /// global in-flight count at the time (the smaller of its values when the poll was
+    /// sent and when it was answered; see [`crate::ceiling`]).
     ///
     /// On a body that does not give the gauges, the poll is recorded as failed
     /// ([`FailureReason::Metrics`]) and the error returned for the log. Demand gauges
@@ -747,6 +772,7 @@ impl PressureTracker {
         &mut self,
         endpoint: usize,
         body: &[u8],
+        in_flight: u32,
         now_ms: u64,
     ) -> Result<Reading, SampleError> {
         if endpoint >= self.endpoints.len() {
@@ -760,17 +786,18 @@ impl PressureTracker {
                 return Err(SampleError::Metrics(e));
             }
         };
-        let (ceiling_bytes, demand_bytes) = values;
+        let (ceiling_bytes, demand_bytes, start_time) = values;
         let ceiling_ratio = ratio(ceiling_bytes, self.limit);
         let demand_ratio = demand_bytes.map(|d| ratio(d, self.limit));
         let fallback = demand_ratio.is_none();
 
-        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
-        let s = self.fall_smoothing;
+        let max_age = self.max_age_ms;
+        let s = FALL_SMOOTHING;
         let (soft, critical) = (self.curve.soft, self.curve.critical);
+        let (line, limit) = (self.line, self.limit);
         let ep = &mut self.endpoints[endpoint];
         // Smooth only a continuous series; after a gap (or a change of mode) start over.
-        let continuous = ep.derive(now_ms, max_age, drop).drives() && ep.fallback == fallback;
+        let continuous = ep.derive(now_ms, max_age).drives() && ep.fallback == fallback;
         let fall = |prev: f64, x: f64| {
             if continuous && x < prev {
                 s * prev + (1.0 - s) * x
@@ -785,20 +812,33 @@ impl PressureTracker {
         ep.failure = None;
         ep.samples = ep.samples.saturating_add(1);
         ep.consecutive_failures = 0;
-        ep.kind = ep.derive(now_ms, max_age, drop);
+        ep.kind = ep.derive(now_ms, max_age);
+        // The ceiling decides on what the store will need: its demand (resident
+        // memory less what it can reuse), raw, not smoothed.
+        let memory = demand_bytes.unwrap_or(ceiling_bytes);
+        ep.estimator.observe(in_flight, memory, start_time);
+        let max_in_flight = ep.estimator.ceiling(in_flight, memory, line);
+        ep.max_in_flight = Some(max_in_flight);
+        ep.rising = continuous && memory - ep.last_demand > RISING_SHARE * limit;
+        ep.last_demand = memory;
+        ep.last_in_flight = in_flight;
         Ok(Reading {
             ceiling_bytes,
             demand_bytes,
             ceiling_ratio,
             demand_ratio,
             decision_ratio: ep.decision(soft, critical),
+            max_in_flight,
+            bytes_per_request: ep.estimator.per_request(),
         })
     }
 
-    /// (ceiling, demand) from `scratch`, or why the poll must count as failed.
-    /// Demand is the ceiling minus retained-but-free memory when the retained pair is
-    /// in the body, else the sum of the demand gauges, else `None`.
-    fn read_values(&self) -> Result<(f64, Option<f64>), PromError> {
+    /// (ceiling, demand, start time) from `scratch`, or why the poll must count as
+    /// failed. Demand is the ceiling minus retained-but-free memory when the retained
+    /// pair is in the body, else the sum of the demand gauges, else `None`. The start
+    /// time is optional.
+    #[allow(clippy::type_complexity)]
+    fn read_values(&self) -> Result<(f64, Option<f64>, Option<f64>), PromError> {
         let mut results = self.scratch.iter().zip(&self.selectors);
         let Some((ceiling, sel)) = results.next() else {
             return Err(PromError::NotFound {
@@ -807,51 +847,78 @@ impl PressureTracker {
         };
         let ceiling = usable(ceiling, sel)?;
         let demand_part: Vec<_> = results.by_ref().take(self.demands).collect();
-        let retained_part: Vec<_> = results.collect();
+        let retained_part: Vec<_> = results.by_ref().take(self.retained).collect();
+        let start = results
+            .next()
+            .and_then(|(result, sel)| usable(result, sel).ok());
         if let [(held, held_sel), (released, released_sel)] = retained_part[..] {
             if let (Ok(held), Ok(released)) =
                 (usable(held, held_sel), usable(released, released_sel))
             {
                 let retained = (held - released).max(0.0);
-                return Ok((ceiling, Some((ceiling - retained).max(0.0))));
+                return Ok((ceiling, Some((ceiling - retained).max(0.0)), start));
             }
         }
         let mut demand = 0.0;
         let mut any = false;
         for (result, sel) in demand_part {
             match result {
-                Err(PromError::NotFound { .. }) => return Ok((ceiling, None)),
+                Err(PromError::NotFound { .. }) => return Ok((ceiling, None, start)),
                 other => {
                     demand += usable(other, sel)?;
                     any = true;
                 }
             }
         }
-        Ok((ceiling, any.then_some(demand)))
+        Ok((ceiling, any.then_some(demand), start))
+    }
+
+    /// When to poll next, from now: every `poll_interval_ms` while some endpoint is
+    /// busy (its demand above `soft` x limit or rising by more than a hundredth of
+    /// the limit since its previous sample, or its in-flight count at half its
+    /// ceiling), or when one has no young sample; ten times slower otherwise (at
+    /// most 1 s and half of `max_sample_age_ms`). The ceiling stops a step surge
+    /// between polls whatever the interval; faster polls re-anchor it sooner.
+    pub fn next_poll_in_ms(&self, now_ms: u64) -> u64 {
+        let soft = self.curve.soft * self.limit;
+        let busy = self.endpoints.iter().any(|ep| {
+            let young = ep
+                .age(now_ms)
+                .is_some_and(|age| age <= self.idle_poll_ms.saturating_mul(2));
+            let near_ceiling = ep
+                .max_in_flight
+                .is_some_and(|c| ep.last_in_flight.saturating_mul(2) >= c);
+            !young || ep.failure.is_some() || ep.rising || ep.last_demand > soft || near_ceiling
+        });
+        if busy {
+            self.fast_poll_ms
+        } else {
+            self.idle_poll_ms
+        }
     }
 
     /// Records a failed poll of `endpoint` (ignored for an unknown index).
     pub fn on_failure(&mut self, endpoint: usize, reason: FailureReason, now_ms: u64) {
-        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
+        let max_age = self.max_age_ms;
         let Some(ep) = self.endpoints.get_mut(endpoint) else {
             return;
         };
         // A sample that had expired before this failure counts as an expiry.
-        let before = ep.derive(now_ms, max_age, drop);
+        let before = ep.derive(now_ms, max_age);
         if ep.kind.drives() && !before.drives() {
             ep.expirations = ep.expirations.saturating_add(1);
         }
         ep.failure = Some(reason);
         ep.failures = ep.failures.saturating_add(1);
         ep.consecutive_failures = ep.consecutive_failures.saturating_add(1);
-        ep.kind = ep.derive(now_ms, max_age, drop);
+        ep.kind = ep.derive(now_ms, max_age);
     }
 
     /// Moves endpoints whose sample has grown too old out of the decision.
     fn refresh(&mut self, now_ms: u64) {
-        let (max_age, drop) = (self.max_age_ms, self.drop_on_failure);
+        let max_age = self.max_age_ms;
         for ep in &mut self.endpoints {
-            let kind = ep.derive(now_ms, max_age, drop);
+            let kind = ep.derive(now_ms, max_age);
             if kind != ep.kind {
                 if ep.kind.drives() && !kind.drives() {
                     ep.expirations = ep.expirations.saturating_add(1);
@@ -898,16 +965,42 @@ impl PressureTracker {
                     ratio: r,
                     ceiling_ratio: max_ceiling,
                     p_sheddable: self.curve.sheddable(r),
-                    p_critical: self.curve.critical(r),
-                    limit_factor: self.curve.limit_factor(r),
                     severity: self.curve.severity(r),
                     sample_ms: ep.last_ok_ms.unwrap_or(0),
                     computed_ms: now_ms,
+                    max_in_flight: 0,
+                    bytes_per_request: 0,
                 }
             }
         };
+        let snap = self.with_ceiling(snap);
         self.last = snap;
         snap
+    }
+
+    /// `snap` with the in-flight ceiling: the smallest of the endpoints' ceilings.
+    /// The filter cannot tell which replica a request will reach (Envoy's load
+    /// balancer picks it after the filter has admitted the request), and counts its
+    /// in-flight requests in one number: so every replica's ceiling is a bound on
+    /// that number, each learned against it, and all must hold (docs/memory.md).
+    fn with_ceiling(&self, mut snap: PressureSnapshot) -> PressureSnapshot {
+        let tightest = self
+            .endpoints
+            .iter()
+            .map(|ep| (ep.in_flight_ceiling(self.line), ep.estimator.per_request()))
+            .min_by_key(|&(c, _)| c);
+        if let Some((c, b)) = tightest {
+            snap.max_in_flight = c;
+            snap.bytes_per_request = f64_to_u32(b);
+        }
+        snap
+    }
+
+    /// The in-flight ceiling and estimates of each endpoint, for logs and tests.
+    pub fn ceilings(&self) -> impl Iterator<Item = (u32, f64)> + '_ {
+        self.endpoints
+            .iter()
+            .map(|ep| (ep.in_flight_ceiling(self.line), ep.estimator.per_request()))
     }
 
     /// Each endpoint whose state changed since the last call, once, for the log.
@@ -1038,9 +1131,11 @@ impl ShedCounters {
 /// Shared-data key of the published snapshot (fixed: shared-data keys never die).
 pub const SNAPSHOT_KEY: &str = "sessionguard.memory.v1";
 /// Encoded size of a [`PressureSnapshot`].
-pub const SNAPSHOT_LEN: usize = 88;
+pub const SNAPSHOT_LEN: usize = 96;
 const MAGIC: [u8; 4] = *b"SGMP";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Bytes covered by the checksum.
+const SUMMED: usize = 88;
 const FLAG_ACTIVE: u8 = 1;
 const FLAG_CEILING: u8 = 2;
 const FLAG_FALLBACK: u8 = 4;
@@ -1058,11 +1153,13 @@ pub struct PressureSnapshot {
     ratio: f64,
     ceiling_ratio: f64,
     p_sheddable: f64,
-    p_critical: f64,
-    limit_factor: f64,
     severity: f64,
     sample_ms: u64,
     computed_ms: u64,
+    /// The in-flight ceiling, 0 = none.
+    max_in_flight: u32,
+    /// The estimate behind it (bytes per request in flight, for the gauge).
+    bytes_per_request: u32,
 }
 
 impl Default for PressureSnapshot {
@@ -1131,12 +1228,23 @@ impl PressureSnapshot {
             ratio: 0.0,
             ceiling_ratio: 0.0,
             p_sheddable: 0.0,
-            p_critical: 0.0,
-            limit_factor: 1.0,
             severity: 0.0,
             sample_ms: 0,
             computed_ms,
+            max_in_flight: 0,
+            bytes_per_request: 0,
         }
+    }
+
+    /// The in-flight ceiling every worker applies (`Limiter::set_memory_ceiling`);
+    /// `None` in a snapshot that carries none (memory shedding off, or an unset limit).
+    pub fn max_in_flight(&self) -> Option<u32> {
+        (self.max_in_flight != 0).then_some(self.max_in_flight)
+    }
+
+    /// The estimate of the store's memory per request in flight behind the ceiling.
+    pub fn bytes_per_request(&self) -> u32 {
+        self.bytes_per_request
     }
 
     /// Shed this request? `uniform_random` is uniform in [0, 1). `Some(severity)`
@@ -1150,13 +1258,9 @@ impl PressureSnapshot {
     pub fn shed_probability(&self, criticality: Criticality) -> f64 {
         match criticality {
             Criticality::Sheddable => self.p_sheddable,
-            Criticality::Critical => self.p_critical,
+            // Critical traffic is refused only by the in-flight ceiling.
+            Criticality::Critical => 0.0,
         }
-    }
-
-    /// Factor in (0, 1] the host applies to its concurrency limit.
-    pub fn limit_factor(&self) -> f64 {
-        self.limit_factor
     }
 
     /// The decision ratio (demand, or the ceiling at `critical`) of the worst endpoint.
@@ -1214,12 +1318,12 @@ impl PressureSnapshot {
         self.computed_ms
     }
 
-    /// Little-endian, [`SNAPSHOT_LEN`] = 88 bytes:
+    /// Little-endian, [`SNAPSHOT_LEN`] = 96 bytes:
     ///
     /// | offset | size | field |
     /// |---|---|---|
     /// | 0  | 4 | magic `SGMP` |
-    /// | 4  | 1 | version (1) |
+    /// | 4  | 1 | version (2) |
     /// | 5  | 1 | flags: 1 active, 2 ceiling in force, 4 demand fallback |
     /// | 6  | 2 | driving endpoints (u16) |
     /// | 8  | 2 | configured endpoints (u16) |
@@ -1228,13 +1332,14 @@ impl PressureSnapshot {
     /// | 16 | 8 | decision ratio (f64) |
     /// | 24 | 8 | ceiling ratio (f64) |
     /// | 32 | 8 | shed probability, sheddable (f64) |
-    /// | 40 | 8 | shed probability, critical (f64) |
-    /// | 48 | 8 | limit factor (f64) |
+    /// | 40 | 16 | reserved (0) |
     /// | 56 | 8 | severity (f64) |
     /// | 64 | 8 | sample time, ms (u64) |
     /// | 72 | 8 | computed time, ms (u64) |
-    /// | 80 | 4 | FNV-1a 32 of bytes 0..80 |
-    /// | 84 | 4 | reserved (0) |
+    /// | 80 | 4 | in-flight ceiling (u32, 0 = none) |
+    /// | 84 | 4 | bytes per request in flight behind it (u32) |
+    /// | 88 | 4 | FNV-1a 32 of bytes 0..88 |
+    /// | 92 | 4 | reserved (0) |
     pub fn encode(&self) -> [u8; SNAPSHOT_LEN] {
         let mut b = [0u8; SNAPSHOT_LEN];
         b[0..4].copy_from_slice(&MAGIC);
@@ -1243,21 +1348,16 @@ impl PressureSnapshot {
         b[6..8].copy_from_slice(&self.driving.to_le_bytes());
         b[8..10].copy_from_slice(&self.endpoints.to_le_bytes());
         b[10..12].copy_from_slice(&self.worst.to_le_bytes());
-        let floats = [
-            self.ratio,
-            self.ceiling_ratio,
-            self.p_sheddable,
-            self.p_critical,
-            self.limit_factor,
-            self.severity,
-        ];
-        for (i, v) in floats.iter().enumerate() {
-            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
-        }
+        b[16..24].copy_from_slice(&self.ratio.to_le_bytes());
+        b[24..32].copy_from_slice(&self.ceiling_ratio.to_le_bytes());
+        b[32..40].copy_from_slice(&self.p_sheddable.to_le_bytes());
+        b[56..64].copy_from_slice(&self.severity.to_le_bytes());
         b[64..72].copy_from_slice(&self.sample_ms.to_le_bytes());
         b[72..80].copy_from_slice(&self.computed_ms.to_le_bytes());
-        let sum = fnv1a(&b[..80]);
-        b[80..84].copy_from_slice(&sum.to_le_bytes());
+        b[80..84].copy_from_slice(&self.max_in_flight.to_le_bytes());
+        b[84..88].copy_from_slice(&self.bytes_per_request.to_le_bytes());
+        let sum = fnv1a(&b[..SUMMED]);
+        b[SUMMED..SUMMED + 4].copy_from_slice(&sum.to_le_bytes());
         b
     }
 
@@ -1275,7 +1375,7 @@ impl PressureSnapshot {
         if b[4] != VERSION {
             return Err(SnapshotError::Version(b[4]));
         }
-        if u32_at(b, 80) != fnv1a(&b[..80]) {
+        if u32_at(b, SUMMED) != fnv1a(&b[..SUMMED]) {
             return Err(SnapshotError::Checksum);
         }
         let snap = PressureSnapshot {
@@ -1286,11 +1386,11 @@ impl PressureSnapshot {
             ratio: f64_at(b, 16),
             ceiling_ratio: f64_at(b, 24),
             p_sheddable: f64_at(b, 32),
-            p_critical: f64_at(b, 40),
-            limit_factor: f64_at(b, 48),
             severity: f64_at(b, 56),
             sample_ms: u64_at(b, 64),
             computed_ms: u64_at(b, 72),
+            max_in_flight: u32_at(b, 80),
+            bytes_per_request: u32_at(b, 84),
         };
         snap.check()?;
         Ok(snap)
@@ -1305,20 +1405,18 @@ impl PressureSnapshot {
         if !ratio(self.ratio) || !ratio(self.ceiling_ratio) {
             return Err(SnapshotError::Invalid("ratio out of range"));
         }
-        if !prob(self.p_sheddable) || !prob(self.p_critical) || !prob(self.severity) {
+        if !prob(self.p_sheddable) || !prob(self.severity) {
             return Err(SnapshotError::Invalid("probability out of [0, 1]"));
         }
-        if !(self.limit_factor > 0.0 && self.limit_factor <= 1.0) {
-            return Err(SnapshotError::Invalid("limit factor out of (0, 1]"));
+        if self.max_in_flight != 0 && !(MIN_CEILING..=MAX_CEILING).contains(&self.max_in_flight) {
+            return Err(SnapshotError::Invalid("in-flight ceiling out of range"));
         }
         if self.driving > self.endpoints {
             return Err(SnapshotError::Invalid(
                 "more driving endpoints than endpoints",
             ));
         }
-        if !self.is_active()
-            && (self.p_sheddable > 0.0 || self.p_critical > 0.0 || self.limit_factor < 1.0)
-        {
+        if !self.is_active() && self.p_sheddable > 0.0 {
             return Err(SnapshotError::Invalid("inactive snapshot that sheds"));
         }
         Ok(())
@@ -1429,10 +1527,14 @@ mod tests {
     const S: Criticality = Criticality::Sheddable;
     const C: Criticality = Criticality::Critical;
 
+    /// The curve's tests pin the thresholds they were written for.
     fn cfg() -> MemoryConfig {
         MemoryConfig {
             enabled: true,
             memory_limit_bytes: LIMIT,
+            soft: 0.70,
+            hard: 0.85,
+            critical: 0.95,
             ..MemoryConfig::default()
         }
     }
@@ -1489,12 +1591,26 @@ mod tests {
         let c = Config::parse(
             br#"{"memory": {"enabled": true, "memory_limit_bytes": 419430400,
                 "demand_gauges": [], "gauge": "container_memory_working_set_bytes{container=\"kask\"}",
-                "critical_max_shed": 0.3, "min_limit_factor": 0.25, "fall_smoothing": 0,
-                "drop_on_failure": true}}"#,
+                "bytes_per_request": 40000}}"#,
         )
         .unwrap();
         assert!(c.memory.demand_gauges.is_empty());
-        assert!(c.memory.drop_on_failure);
+        assert_eq!(c.memory.bytes_per_request, Some(40000));
+        // What a new user writes: the limit, nothing else.
+        let c = Config::parse(br#"{"memory": {"enabled": true, "memory_limit_bytes": 419430400}}"#)
+            .unwrap();
+        assert_eq!(c.memory.bytes_per_request, None);
+        // Settings the ceiling retired are refused, by name.
+        for retired in [
+            "critical_max_shed",
+            "min_limit_factor",
+            "fall_smoothing",
+            "drop_on_failure",
+        ] {
+            let json = format!(r#"{{"memory": {{"{retired}": 0}}}}"#);
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(retired), "{e}");
+        }
     }
 
     #[test]
@@ -1532,17 +1648,10 @@ mod tests {
                 "memory.endpoints[0].cluster",
             ),
             (r#"{"memory": {"hard": 0.5}}"#, "memory.hard"),
+            (r#"{"memory": {"critical": 1.2}}"#, "memory.critical"),
             (
-                r#"{"memory": {"critical_max_shed": 1.5}}"#,
-                "memory.critical_max_shed",
-            ),
-            (
-                r#"{"memory": {"min_limit_factor": 0}}"#,
-                "memory.min_limit_factor",
-            ),
-            (
-                r#"{"memory": {"fall_smoothing": 1}}"#,
-                "memory.fall_smoothing",
+                r#"{"memory": {"bytes_per_request": 100}}"#,
+                "memory.bytes_per_request",
             ),
         ];
         for (json, field) in cases {
@@ -1572,17 +1681,6 @@ mod tests {
             assert!(p >= prev && (0.0..=1.0).contains(&p));
             prev = p;
         }
-        // Limit factor: 1 up to hard, linear to min at critical.
-        assert_eq!(c.limit_factor(0.85), 1.0);
-        assert!(close(c.limit_factor(0.90), 0.75));
-        assert_eq!(c.limit_factor(0.95), 0.5);
-        assert_eq!(c.limit_factor(1.5), 0.5);
-        // Critical: 0 below critical, linear to the cap at the limit.
-        assert_eq!(c.critical(0.94), 0.0);
-        assert_eq!(c.critical(0.95), 0.0);
-        assert!(close(c.critical(0.975), 0.25));
-        assert_eq!(c.critical(1.0), 0.5);
-        assert_eq!(c.critical(1.2), 0.5);
         // Severity: 0 at soft, 1 at critical.
         assert_eq!(c.severity(0.70), 0.0);
         assert!(close(c.severity(0.825), 0.5));
@@ -1595,47 +1693,37 @@ mod tests {
             soft: 0.8,
             hard: 0.8,
             critical: 0.8,
-            critical_max_shed: 1.0,
-            min_limit_factor: 0.1,
         };
         for r in [0.0, 0.79, 0.8, 0.81, 2.0, f64::INFINITY] {
-            for v in [
-                c.sheddable(r),
-                c.critical(r),
-                c.limit_factor(r),
-                c.severity(r),
-            ] {
+            for v in [c.sheddable(r), c.severity(r)] {
                 assert!(v.is_finite() && (0.0..=1.0).contains(&v), "{r}: {v}");
             }
         }
-        let c = Curve { critical: 1.2, ..c };
-        assert_eq!(c.critical(1.1), 0.0);
-        assert_eq!(c.critical(1.2), 1.0);
     }
 
     // ---- thresholds through the tracker ----
 
     #[test]
     fn thresholds_and_decisions() {
-        // (demand, rss, p sheddable, p critical, limit factor)
+        // (demand, rss, p sheddable); critical traffic is never shed by the curve.
         let cases = [
-            (0.50, 0.52, 0.0, 0.0, 1.0),
-            (0.775, 0.80, 0.25, 0.0, 1.0),
-            (0.86, 0.88, 1.0, 0.0, 0.95),
-            (0.97, 0.97, 1.0, 0.2, 0.5),
+            (0.50, 0.52, 0.0),
+            (0.775, 0.80, 0.25),
+            (0.86, 0.88, 1.0),
+            (0.97, 0.97, 1.0),
+            (1.2, 1.2, 1.0),
         ];
-        for (d, rss, ps, pc, lf) in cases {
+        for (d, rss, ps) in cases {
             let mut t = PressureTracker::new(&cfg());
-            t.on_sample(0, &body(d, rss), 1000).unwrap();
+            t.on_sample(0, &body(d, rss), 0, 1000).unwrap();
             let s = t.snapshot(1000);
             assert!(s.is_active());
             assert!(close(s.shed_probability(S), ps), "{d}: {s:?}");
-            assert!(close(s.shed_probability(C), pc), "{d}: {s:?}");
-            assert!(close(s.limit_factor(), lf), "{d}: {s:?}");
+            assert_eq!(s.shed_probability(C), 0.0, "{d}: {s:?}");
         }
         // decide: u < p sheds, with the severity.
         let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(0.775, 0.8), 0).unwrap();
+        t.on_sample(0, &body(0.775, 0.8), 0, 0).unwrap();
         let s = t.snapshot(0);
         assert_eq!(s.decide(S, 0.24), Some(s.severity()));
         assert!(s.severity() > 0.0 && s.severity() < 1.0);
@@ -1645,45 +1733,27 @@ mod tests {
     }
 
     #[test]
-    fn critical_is_shed_only_above_critical_and_up_to_the_cap() {
-        let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(0.90, 0.92), 0).unwrap();
-        let s = t.snapshot(0);
-        assert_eq!(s.decide(S, 0.999), Some(s.severity()));
-        assert_eq!(s.decide(C, 0.0), None);
-        let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(1.1, 1.15), 0).unwrap();
-        let s = t.snapshot(0);
-        assert_eq!(s.shed_probability(C), 0.5);
-        assert_eq!(s.decide(C, 0.49), Some(1.0));
-        assert_eq!(s.decide(C, 0.51), None);
-    }
-
-    #[test]
     fn rss_above_critical_is_a_hard_ceiling() {
         // Demand over soft but the gauges miss memory (e.g. cgo): RSS at 97% of the limit.
         let mut t = PressureTracker::new(&cfg());
-        let r = t.on_sample(0, &body(0.72, 0.97), 0).unwrap();
+        let r = t.on_sample(0, &body(0.72, 0.97), 0, 0).unwrap();
         assert!(close(r.decision_ratio, 0.97));
         let s = t.snapshot(0);
         assert!(s.ceiling_in_force());
         assert_eq!(s.shed_probability(S), 1.0);
-        assert!(close(s.shed_probability(C), 0.5 * 0.02 / 0.05));
-        assert_eq!(s.limit_factor(), 0.5);
         // RSS above critical but demand low: memory retained after a surge, reused
         // before the kernel is asked for more; it must not keep shedding.
         let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(0.30, 0.97), 0).unwrap();
+        t.on_sample(0, &body(0.30, 0.97), 0, 0).unwrap();
         let s = t.snapshot(0);
         assert!(!s.ceiling_in_force());
         assert_eq!(s.shed_probability(S), 0.0);
         // RSS high but below critical, demand low: nothing is shed.
         let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(0.30, 0.93), 0).unwrap();
+        t.on_sample(0, &body(0.30, 0.93), 0, 0).unwrap();
         let s = t.snapshot(0);
         assert!(!s.ceiling_in_force());
         assert_eq!(s.shed_probability(S), 0.0);
-        assert_eq!(s.limit_factor(), 1.0);
         assert!(close(s.ceiling_ratio(), 0.93));
         assert!(close(s.ratio(), 0.30));
     }
@@ -1696,7 +1766,7 @@ mod tests {
         let mut now = 0;
         let mut poll = |t: &mut PressureTracker, d: f64, rss: f64| {
             now += 1000;
-            t.on_sample(0, &body(d, rss), now).unwrap();
+            t.on_sample(0, &body(d, rss), 0, now).unwrap();
             t.snapshot(now)
         };
         // Surge: demand climbs past hard; RSS follows it up.
@@ -1714,9 +1784,9 @@ mod tests {
         assert!(after.iter().all(|&p| p == 0.0), "{after:?}");
         // Even from far above the limit it takes at most two samples.
         let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(1.2, 0.94), 0).unwrap();
-        t.on_sample(0, &body(0.2, 0.94), 1000).unwrap();
-        t.on_sample(0, &body(0.2, 0.94), 2000).unwrap();
+        t.on_sample(0, &body(1.2, 0.94), 0, 0).unwrap();
+        t.on_sample(0, &body(0.2, 0.94), 0, 1000).unwrap();
+        t.on_sample(0, &body(0.2, 0.94), 0, 2000).unwrap();
         assert_eq!(t.snapshot(2000).shed_probability(S), 0.0);
     }
 
@@ -1728,9 +1798,9 @@ mod tests {
             demand_gauges: Vec::new(),
             ..cfg()
         });
-        t.on_sample(0, &body(0.9, 0.93), 0).unwrap();
+        t.on_sample(0, &body(0.9, 0.93), 0, 0).unwrap();
         for i in 1..=10 {
-            t.on_sample(0, &body(0.2, 0.93), i * 1000).unwrap();
+            t.on_sample(0, &body(0.2, 0.93), 0, i * 1000).unwrap();
         }
         let s = t.snapshot(10_000);
         assert!(s.demand_fallback());
@@ -1740,21 +1810,13 @@ mod tests {
     #[test]
     fn rising_is_immediate_falling_is_smoothed() {
         let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(0.2, 0.3), 0).unwrap();
-        let r = t.on_sample(0, &body(0.9, 0.94), 1000).unwrap();
+        t.on_sample(0, &body(0.2, 0.3), 0, 0).unwrap();
+        let r = t.on_sample(0, &body(0.9, 0.94), 0, 1000).unwrap();
         assert!(close(r.decision_ratio, 0.9));
-        let r = t.on_sample(0, &body(0.5, 0.94), 2000).unwrap();
+        let r = t.on_sample(0, &body(0.5, 0.94), 0, 2000).unwrap();
         assert!(close(r.decision_ratio, 0.7));
-        let r = t.on_sample(0, &body(0.5, 0.94), 3000).unwrap();
+        let r = t.on_sample(0, &body(0.5, 0.94), 0, 3000).unwrap();
         assert!(close(r.decision_ratio, 0.6));
-        // No smoothing configured: the sample is the value.
-        let mut t = PressureTracker::new(&MemoryConfig {
-            fall_smoothing: 0.0,
-            ..cfg()
-        });
-        t.on_sample(0, &body(0.9, 0.9), 0).unwrap();
-        let r = t.on_sample(0, &body(0.3, 0.9), 1000).unwrap();
-        assert!(close(r.decision_ratio, 0.3));
     }
 
     // ---- signals ----
@@ -1763,7 +1825,7 @@ mod tests {
     fn demand_is_resident_memory_less_what_the_runtime_retains_free() {
         let mut t = PressureTracker::new(&cfg());
         let r = t
-            .on_sample(0, crate::prom::tests::GO_METRICS.as_bytes(), 0)
+            .on_sample(0, crate::prom::tests::GO_METRICS.as_bytes(), 0, 0)
             .unwrap();
         assert_eq!(r.ceiling_bytes, 1.82452224e8);
         assert_eq!(
@@ -1779,7 +1841,7 @@ mod tests {
             ..cfg()
         });
         let r = t
-            .on_sample(0, crate::prom::tests::GO_METRICS.as_bytes(), 0)
+            .on_sample(0, crate::prom::tests::GO_METRICS.as_bytes(), 0, 0)
             .unwrap();
         assert_eq!(r.ceiling_bytes, 1.82452224e8);
         assert_eq!(r.demand_bytes, Some(9.8828288e7 + 6.5273856e7));
@@ -1790,7 +1852,7 @@ mod tests {
     fn no_go_gauges_falls_back_to_the_ceiling() {
         let mut t = PressureTracker::new(&cfg());
         let r = t
-            .on_sample(0, crate::prom::tests::PYTHON_METRICS.as_bytes(), 0)
+            .on_sample(0, crate::prom::tests::PYTHON_METRICS.as_bytes(), 0, 0)
             .unwrap();
         assert_eq!(r.demand_bytes, None);
         assert!(close(r.decision_ratio, 3.4029568e7 / LIMIT as f64));
@@ -1800,7 +1862,7 @@ mod tests {
     #[test]
     fn missing_ceiling_or_bad_values_fail_the_poll() {
         let mut t = PressureTracker::new(&cfg());
-        let e = t.on_sample(0, b"go_goroutines 3\n", 0).unwrap_err();
+        let e = t.on_sample(0, b"go_goroutines 3\n", 0, 0).unwrap_err();
         assert!(
             matches!(e, SampleError::Metrics(PromError::NotFound { .. })),
             "{e}"
@@ -1811,16 +1873,19 @@ mod tests {
         ));
         for bad in ["NaN", "+Inf", "-1"] {
             let b = format!("process_resident_memory_bytes {bad}\n");
-            let e = t.on_sample(0, b.as_bytes(), 0).unwrap_err();
+            let e = t.on_sample(0, b.as_bytes(), 0, 0).unwrap_err();
             assert!(
                 matches!(e, SampleError::Metrics(PromError::InvalidValue { .. })),
                 "{e}"
             );
         }
         let b = "process_resident_memory_bytes 1e8\ngo_memstats_heap_inuse_bytes NaN\ngo_memstats_stack_inuse_bytes 1\n";
-        assert!(t.on_sample(0, b.as_bytes(), 0).is_err());
+        assert!(t.on_sample(0, b.as_bytes(), 0, 0).is_err());
         assert_eq!(t.endpoint_stats(0).unwrap().scrape_failures, 5);
-        assert_eq!(t.on_sample(7, b"", 0), Err(SampleError::UnknownEndpoint(7)));
+        assert_eq!(
+            t.on_sample(7, b"", 0, 0),
+            Err(SampleError::UnknownEndpoint(7))
+        );
         assert!(!t.snapshot(0).is_active());
     }
 
@@ -1836,7 +1901,7 @@ mod tests {
         );
         let cut = moved.find("\ngo_memstats_stack_inuse_bytes ").unwrap() + 1 + 33;
         let mut t = PressureTracker::new(&cfg());
-        let e = t.on_sample(0, &moved.as_bytes()[..cut], 0).unwrap_err();
+        let e = t.on_sample(0, &moved.as_bytes()[..cut], 0, 0).unwrap_err();
         assert!(
             matches!(e, SampleError::Metrics(PromError::Truncated { .. })),
             "{e}"
@@ -1850,7 +1915,7 @@ mod tests {
     fn an_old_sample_stops_driving_and_a_new_one_resumes() {
         let mut t = PressureTracker::new(&cfg());
         assert_eq!(t.take_transitions(0), vec![]);
-        t.on_sample(0, &body(0.9, 0.92), 1000).unwrap();
+        t.on_sample(0, &body(0.9, 0.92), 0, 1000).unwrap();
         let tr = t.take_transitions(1000);
         assert_eq!(
             (tr[0].from, tr[0].to),
@@ -1861,7 +1926,6 @@ mod tests {
         let s = t.snapshot(6001);
         assert!(!s.is_active());
         assert_eq!(s.decide(S, 0.0), None);
-        assert_eq!(s.limit_factor(), 1.0);
         let tr = t.take_transitions(6001);
         assert_eq!(tr.len(), 1);
         assert_eq!(
@@ -1873,7 +1937,7 @@ mod tests {
         assert_eq!(t.take_transitions(9000), vec![]);
         assert_eq!(t.stats(9000).stale_transitions, 1);
         // Recovery: the next good sample drives again, without smoothing from the gap.
-        let r = t.on_sample(0, &body(0.5, 0.9), 10_000).unwrap();
+        let r = t.on_sample(0, &body(0.5, 0.9), 0, 10_000).unwrap();
         assert!(close(r.decision_ratio, 0.5));
         let tr = t.take_transitions(10_000);
         assert_eq!(
@@ -1886,7 +1950,7 @@ mod tests {
     #[test]
     fn failures_hold_the_last_sample_until_it_is_too_old() {
         let mut t = PressureTracker::new(&cfg());
-        t.on_sample(0, &body(0.9, 0.92), 0).unwrap();
+        t.on_sample(0, &body(0.9, 0.92), 0, 0).unwrap();
         t.take_transitions(0);
         t.on_failure(0, FailureReason::Timeout, 1000);
         t.on_failure(0, FailureReason::HttpStatus(503), 2000);
@@ -1915,29 +1979,10 @@ mod tests {
         assert_eq!(stats.stale_transitions, 1);
         assert_eq!(stats.samples, 1);
         // Recovery.
-        t.on_sample(0, &body(0.2, 0.9), 7000).unwrap();
+        t.on_sample(0, &body(0.2, 0.9), 0, 7000).unwrap();
         assert_eq!(t.endpoint_stats(0).unwrap().status, EndpointStatus::Fresh);
         assert_eq!(t.endpoint_stats(0).unwrap().consecutive_failures, 0);
         assert!(t.snapshot(7000).is_active());
-    }
-
-    #[test]
-    fn drop_on_failure_stops_driving_at_once() {
-        let mut t = PressureTracker::new(&MemoryConfig {
-            drop_on_failure: true,
-            ..cfg()
-        });
-        t.on_sample(0, &body(0.9, 0.92), 0).unwrap();
-        t.on_failure(0, FailureReason::CallFailed, 1000);
-        assert!(!t.snapshot(1000).is_active());
-        assert_eq!(
-            t.endpoint_stats(0).unwrap().status,
-            EndpointStatus::Failed(FailureReason::CallFailed)
-        );
-        // A failure is not an expiry.
-        assert_eq!(t.stats(1000).stale_transitions, 0);
-        t.on_sample(0, &body(0.9, 0.92), 2000).unwrap();
-        assert!(t.snapshot(2000).is_active());
     }
 
     #[test]
@@ -1959,9 +2004,9 @@ mod tests {
     #[test]
     fn the_worst_fresh_endpoint_drives() {
         let mut t = PressureTracker::new(&cfg_endpoints(3));
-        t.on_sample(0, &body(0.5, 0.6), 0).unwrap();
-        t.on_sample(1, &body(0.8, 0.85), 0).unwrap();
-        t.on_sample(2, &body(0.75, 0.9), 3000).unwrap();
+        t.on_sample(0, &body(0.5, 0.6), 0, 0).unwrap();
+        t.on_sample(1, &body(0.8, 0.85), 0, 0).unwrap();
+        t.on_sample(2, &body(0.75, 0.9), 0, 3000).unwrap();
         let s = t.snapshot(3000);
         assert_eq!(s.worst_endpoint(), Some(1));
         assert!(close(s.ratio(), 0.8));
@@ -1974,14 +2019,14 @@ mod tests {
         assert_eq!(s.driving_endpoints(), 1);
         assert_eq!(s.sample_age_ms(5500), Some(2500));
         // An unknown endpoint changes nothing.
-        assert!(t.on_sample(3, &body(1.0, 1.0), 5500).is_err());
+        assert!(t.on_sample(3, &body(1.0, 1.0), 0, 5500).is_err());
         assert_eq!(t.snapshot(5500).worst_endpoint(), Some(2));
     }
 
     #[test]
     fn unset_limit_never_sheds() {
         let mut t = PressureTracker::new(&MemoryConfig::default());
-        t.on_sample(0, &body(0.99, 0.99), 0).unwrap();
+        t.on_sample(0, &body(0.99, 0.99), 0, 0).unwrap();
         let s = t.snapshot(0);
         assert_eq!(s.shed_probability(S), 0.0);
         assert_eq!(s.ratio(), 0.0);
@@ -1998,16 +2043,182 @@ mod tests {
             "container_memory_working_set_bytes{{container=\"envoy\"}} 1e6\ncontainer_memory_working_set_bytes{{container=\"kask\"}} {}\n",
             0.9 * LIMIT as f64
         );
-        let r = t.on_sample(0, b.as_bytes(), 0).unwrap();
+        let r = t.on_sample(0, b.as_bytes(), 0, 0).unwrap();
         assert!(close(r.ceiling_ratio, 0.9));
         assert!(r.ceiling_bytes > 300.0 * MI);
+    }
+
+    // ---- the in-flight ceiling ----
+
+    const PRIOR: f64 = crate::ceiling::PRIOR_BYTES_PER_REQUEST as f64;
+
+    /// The ceiling for ratios of the limit, give or take one request (the bodies
+    /// round their values).
+    fn expected(in_flight: u32, demand: f64, line: f64, b: f64) -> std::ops::RangeInclusive<u32> {
+        let c = ((f64::from(in_flight) + (line - demand) * LIMIT as f64 / b).floor()) as u32;
+        c.saturating_sub(1)..=c + 1
+    }
+
+    #[test]
+    fn a_sample_gives_the_ceiling_and_the_snapshot_carries_it() {
+        let mut t = PressureTracker::new(&cfg());
+        // Before any sample: the whole line at the prior cost (bounded).
+        let blind = t.snapshot(0);
+        assert!(expected(0, 0.0, 0.95, PRIOR).contains(&blind.max_in_flight().unwrap()));
+        assert!(!blind.is_active());
+        let r = t.on_sample(0, &body(0.5, 0.52), 300, 1000).unwrap();
+        let demand = r.demand_bytes.unwrap() / LIMIT as f64;
+        let want = r.max_in_flight;
+        assert!(expected(300, demand, 0.95, PRIOR).contains(&want));
+        let s = t.snapshot(1000);
+        assert_eq!(s.max_in_flight(), Some(want));
+        assert_eq!(s.bytes_per_request(), PRIOR as u32);
+        assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
+        // Over the line: fewer than in flight now, never below the minimum.
+        let r = t.on_sample(0, &body(1.2, 1.2), 300, 2000).unwrap();
+        assert_eq!(r.max_in_flight, MIN_CEILING);
+        // An unset limit has no line: the largest ceiling.
+        let mut t = PressureTracker::new(&MemoryConfig::default());
+        let r = t.on_sample(0, &body(0.5, 0.5), 10, 0).unwrap();
+        assert_eq!(r.max_in_flight, MAX_CEILING);
+    }
+
+    #[test]
+    fn the_ceiling_follows_a_surge_between_polls() {
+        // A store at 20 MiB + 36 KiB per request; the limit 64 MiB, the line 0.78.
+        let mi = 1024.0 * 1024.0;
+        let limit = 64.0 * mi;
+        let mut t = PressureTracker::new(&MemoryConfig {
+            enabled: true,
+            memory_limit_bytes: 64 << 20,
+            ..MemoryConfig::default()
+        });
+        let mem = |n: u32| 20.0 * mi + 36.0 * 1024.0 * f64::from(n);
+        let body = |n: u32| {
+            format!(
+                "process_resident_memory_bytes {}\ngo_memstats_heap_idle_bytes 0\ngo_memstats_heap_released_bytes 0\nprocess_start_time_seconds 1.7e9\n",
+                mem(n)
+            )
+        };
+        // Polls every 100 ms while in flight climbs by 100 per poll (a step surge),
+        // each admitted up to the last ceiling: memory never passes the line by more
+        // than the estimation error allows, and the estimate converges.
+        let mut n = 5;
+        let mut peak = 0.0f64;
+        for i in 0..60u64 {
+            t.on_sample(0, body(n).as_bytes(), n, i * 100).unwrap();
+            let c = t.snapshot(i * 100).max_in_flight().unwrap();
+            n = (n + 100).min(c);
+            peak = peak.max(mem(n));
+        }
+        assert!(peak <= 0.78 * limit, "peak {:.3}", peak / limit);
+        // Cheaper than the prior: the prior holds, and the ceiling is the headroom
+        // at that cost (36/64 of what the store could hold).
+        let (c, b) = t.ceilings().next().unwrap();
+        assert_eq!(b, PRIOR);
+        let allows = (0.78 * limit - 20.0 * mi) / PRIOR;
+        assert!(
+            f64::from(c) > allows - 2.0 && f64::from(c) <= allows + 3.0,
+            "{c} {allows}"
+        );
+    }
+
+    #[test]
+    fn without_a_young_sample_the_ceiling_relaxes_to_the_headroom_at_rest() {
+        let mut t = PressureTracker::new(&MemoryConfig {
+            bytes_per_request: Some(PRIOR as u64),
+            ..cfg()
+        });
+        // The store at rest, then over the line with 100 in flight (memory that the
+        // requests do not explain): the minimum.
+        let r = t.on_sample(0, &body(0.3, 0.3), 10, 0).unwrap();
+        t.on_sample(0, &body(1.0, 1.0), 100, 0).unwrap();
+        assert_eq!(t.snapshot(0).max_in_flight(), Some(MIN_CEILING));
+        let demand = r.demand_bytes.unwrap() / LIMIT as f64;
+        // The poller goes blind (store down): failures keep the last ceiling while the
+        // sample is young...
+        t.on_failure(0, FailureReason::Timeout, 1000);
+        assert_eq!(t.snapshot(1000).max_in_flight(), Some(MIN_CEILING));
+        // ...then the headroom at rest: never shed forever, never unbounded.
+        let s = t.snapshot(10_000);
+        assert!(!s.is_active());
+        let rest = demand - 10.0 * PRIOR / LIMIT as f64;
+        let c = s.max_in_flight().unwrap();
+        assert!(expected(0, rest, 0.95, PRIOR).contains(&c), "{c}");
+    }
+
+    #[test]
+    fn several_endpoints_the_tightest_ceiling_holds() {
+        let mut t = PressureTracker::new(&cfg_endpoints(3));
+        t.on_sample(0, &body(0.3, 0.3), 100, 0).unwrap();
+        let r = t.on_sample(1, &body(0.8, 0.8), 100, 0).unwrap();
+        // Endpoint 2 never answered: its blind ceiling is the loosest.
+        let s = t.snapshot(0);
+        assert_eq!(s.max_in_flight(), Some(r.max_in_flight));
+        let all: Vec<u32> = t.ceilings().map(|(c, _)| c).collect();
+        assert!(all[0] > all[1] && all[2] > all[0], "{all:?}");
+        assert!(expected(0, 0.0, 0.95, PRIOR).contains(&all[2]));
+    }
+
+    #[test]
+    fn a_restart_in_the_body_starts_a_new_window() {
+        let mut t = PressureTracker::new(&cfg());
+        let with_start = |d: f64, start: f64| {
+            let mut b = body(d, d);
+            b.extend_from_slice(format!("process_start_time_seconds {start}\n").as_bytes());
+            b
+        };
+        t.on_sample(0, &with_start(0.5, 1.0), 10, 0).unwrap();
+        t.on_sample(0, &with_start(0.1, 2.0), 0, 100).unwrap();
+        assert_eq!(t.endpoints[0].estimator.stats().restarts, 1);
+        // A body without it is fine.
+        t.on_sample(0, &body(0.1, 0.1), 0, 200).unwrap();
+    }
+
+    #[test]
+    fn polls_are_fast_when_memory_is_high_or_rising_and_slow_when_idle() {
+        let mut t = PressureTracker::new(&MemoryConfig {
+            poll_interval_ms: 100,
+            ..cfg()
+        });
+        // Nothing yet: fast.
+        assert_eq!(t.next_poll_in_ms(0), 100);
+        t.on_sample(0, &body(0.2, 0.2), 10, 0).unwrap();
+        assert_eq!(t.next_poll_in_ms(0), 1000);
+        // Rising by more than 1% of the limit since the last sample.
+        t.on_sample(0, &body(0.25, 0.25), 10, 1000).unwrap();
+        assert_eq!(t.next_poll_in_ms(1000), 100);
+        t.on_sample(0, &body(0.25, 0.25), 10, 1100).unwrap();
+        assert_eq!(t.next_poll_in_ms(1100), 1000);
+        // Above soft.
+        t.on_sample(0, &body(0.75, 0.75), 10, 2000).unwrap();
+        t.on_sample(0, &body(0.75, 0.75), 10, 2100).unwrap();
+        assert_eq!(t.next_poll_in_ms(2100), 100);
+        // A failure: fast.
+        t.on_sample(0, &body(0.2, 0.2), 10, 3000).unwrap();
+        t.on_sample(0, &body(0.2, 0.2), 10, 3100).unwrap();
+        assert_eq!(t.next_poll_in_ms(3100), 1000);
+        t.on_failure(0, FailureReason::Timeout, 3200);
+        assert_eq!(t.next_poll_in_ms(3200), 100);
+        // In flight at half the ceiling.
+        let c = t.snapshot(3200).max_in_flight().unwrap();
+        t.on_sample(0, &body(0.2, 0.2), c, 4000).unwrap();
+        t.on_sample(0, &body(0.2, 0.2), c, 4100).unwrap();
+        assert_eq!(t.next_poll_in_ms(4100), 100);
+        // Idle never slower than half the sample age.
+        let t = PressureTracker::new(&MemoryConfig {
+            poll_interval_ms: 500,
+            max_sample_age_ms: 800,
+            ..cfg()
+        });
+        assert_eq!(t.idle_poll_ms, 500);
     }
 
     // ---- snapshot ----
 
     fn busy_snapshot() -> PressureSnapshot {
         let mut t = PressureTracker::new(&cfg_endpoints(2));
-        t.on_sample(1, &body(0.72, 0.97), 1234).unwrap();
+        t.on_sample(1, &body(0.72, 0.97), 0, 1234).unwrap();
         t.snapshot(1500)
     }
 
@@ -2035,18 +2246,18 @@ mod tests {
         let good = busy_snapshot().encode();
         assert_eq!(PressureSnapshot::decode(&[]), Err(SnapshotError::Missing));
         assert_eq!(
-            PressureSnapshot::decode(&good[..87]),
-            Err(SnapshotError::Length(87))
+            PressureSnapshot::decode(&good[..95]),
+            Err(SnapshotError::Length(95))
         );
         let mut long = good.to_vec();
         long.push(0);
         assert_eq!(
             PressureSnapshot::decode(&long),
-            Err(SnapshotError::Length(89))
+            Err(SnapshotError::Length(97))
         );
         // Every single-bit flip is caught (magic, version or checksum), except in
         // the trailing reserved word.
-        for i in 0..84 {
+        for i in 0..92 {
             for bit in 0..8 {
                 let mut b = good;
                 b[i] ^= 1 << bit;
@@ -2054,8 +2265,8 @@ mod tests {
             }
         }
         let mut b = good;
-        b[4] = 2;
-        assert_eq!(PressureSnapshot::decode(&b), Err(SnapshotError::Version(2)));
+        b[4] = 3;
+        assert_eq!(PressureSnapshot::decode(&b), Err(SnapshotError::Version(3)));
         // Out-of-range fields with a valid checksum.
         let mut bad = busy_snapshot();
         bad.p_sheddable = 1.5;
@@ -2063,11 +2274,11 @@ mod tests {
             PressureSnapshot::decode(&bad.encode()),
             Err(SnapshotError::Invalid(_))
         ));
-        let mut bad = busy_snapshot();
-        bad.limit_factor = 0.0;
-        assert!(PressureSnapshot::decode(&bad.encode()).is_err());
         let mut bad = PressureSnapshot::idle(0, 1);
-        bad.p_critical = 0.5;
+        bad.p_sheddable = 0.5;
+        assert!(PressureSnapshot::decode(&bad.encode()).is_err());
+        let mut bad = busy_snapshot();
+        bad.max_in_flight = 3;
         assert!(PressureSnapshot::decode(&bad.encode()).is_err());
         let e = PressureSnapshot::decode(&[1, 2, 3]).unwrap_err();
         assert!(e.to_string().starts_with("memory pressure snapshot"), "{e}");
@@ -2131,8 +2342,8 @@ mod tests {
             }
         }
         assert_eq!(c.sheddable, 100);
-        assert_eq!(c.critical, 20); // p_critical = 0.5 * 0.02 / 0.05
-        assert_eq!(c.total(), 120);
+        assert_eq!(c.critical, 0); // the curve never sheds critical traffic
+        assert_eq!(c.total(), 100);
     }
 }
 
@@ -2159,7 +2370,7 @@ mod proptests {
             u in 0.0f64..1.0,
         ) {
             if let Ok(s) = PressureSnapshot::decode(&bytes) {
-                prop_assert!(s.limit_factor() > 0.0 && s.limit_factor() <= 1.0);
+                prop_assert!(s.max_in_flight().is_none_or(|c| c >= MIN_CEILING));
                 let _ = s.decide(Criticality::Sheddable, u);
             }
         }
@@ -2174,8 +2385,8 @@ mod proptests {
             }
             b[0..4].copy_from_slice(&MAGIC);
             b[4] = VERSION;
-            let sum = fnv1a(&b[..80]);
-            b[80..84].copy_from_slice(&sum.to_le_bytes());
+            let sum = fnv1a(&b[..SUMMED]);
+            b[SUMMED..SUMMED + 4].copy_from_slice(&sum.to_le_bytes());
             if let Ok(s) = PressureSnapshot::decode(&b) {
                 prop_assert!((0.0..=1.0).contains(&s.shed_probability(Criticality::Critical)));
                 prop_assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
@@ -2194,7 +2405,7 @@ mod proptests {
                 if fail {
                     t.on_failure(idx, FailureReason::Timeout, now);
                 } else {
-                    let _ = t.on_sample(idx, &bytes, now);
+                    let _ = t.on_sample(idx, &bytes, 0, now);
                 }
                 let s = t.snapshot(now);
                 prop_assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
@@ -2215,7 +2426,7 @@ mod proptests {
                     rss * limit, d * limit
                 );
                 let now = i as u64 * 1000;
-                t.on_sample(i % 2, body.as_bytes(), now).unwrap();
+                t.on_sample(i % 2, body.as_bytes(), 0, now).unwrap();
                 let s = t.snapshot(now);
                 prop_assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
                 prop_assert!(s.shed_probability(Criticality::Critical) <= s.shed_probability(Criticality::Sheddable));

@@ -264,10 +264,7 @@ const FIELDS: &[(&str, &str, &str)] = &[
     ("memory", "soft", "unit"),
     ("memory", "hard", "unit"),
     ("memory", "critical", "unit"),
-    ("memory", "critical_max_shed", "unit"),
-    ("memory", "min_limit_factor", "unit"),
-    ("memory", "fall_smoothing", "unit"),
-    ("memory", "drop_on_failure", "bool"),
+    ("memory", "bytes_per_request", "bytes"),
     ("negative_cache", "enabled", "bool"),
     ("negative_cache", "enforce", "bool"),
     ("negative_cache", "ttl_ms", "ms"),
@@ -1050,7 +1047,7 @@ fn snapshot_bytes(g: &mut Gen) -> Vec<u8> {
     }
     let mut b = vec![0u8; SNAPSHOT_LEN];
     b[..4].copy_from_slice(b"SGMP");
-    b[4] = if g.one_in(20) { g.u64() as u8 } else { 1 };
+    b[4] = if g.one_in(20) { g.u64() as u8 } else { 2 };
     let active = g.bool();
     b[5] = if g.one_in(10) {
         g.u64() as u8
@@ -1080,9 +1077,17 @@ fn snapshot_bytes(g: &mut Gen) -> Vec<u8> {
     }
     b[64..72].copy_from_slice(&g.int().to_le_bytes());
     b[72..80].copy_from_slice(&g.int().to_le_bytes());
+    // The in-flight ceiling: none, in range, or anything.
+    let ceiling = match g.below(3) {
+        0 => 0,
+        1 => 8 + g.below(1 << 20) as u32,
+        _ => g.u64() as u32,
+    };
+    b[80..84].copy_from_slice(&ceiling.to_le_bytes());
+    b[84..88].copy_from_slice(&(g.u64() as u32).to_le_bytes());
     if !g.one_in(20) {
-        let sum = fnv1a(&b[..80]);
-        b[80..84].copy_from_slice(&sum.to_le_bytes());
+        let sum = fnv1a(&b[..88]);
+        b[88..92].copy_from_slice(&sum.to_le_bytes());
     }
     if g.one_in(10) {
         let i = g.below(SNAPSHOT_LEN as u64) as usize;
@@ -1098,8 +1103,7 @@ fn memory_config(g: &mut Gen) -> MemoryConfig {
         memory_limit_bytes: g.range(1 << 20, 1 << 34),
         endpoints: vec![MetricsEndpoint::default(); endpoints],
         max_sample_age_ms: g.range(1000, 10_000),
-        drop_on_failure: g.one_in(3),
-        fall_smoothing: g.f64() * 0.95,
+        bytes_per_request: g.one_in(3).then(|| g.range(4096, 1 << 20)),
         ..MemoryConfig::default()
     };
     if g.one_in(4) {
@@ -1126,7 +1130,7 @@ fn fuzz_pressure() {
                 let _ = s.decide(crit, g.float());
                 assert_eq!(s.decide(crit, f64::NAN), None);
             }
-            assert!(s.limit_factor() > 0.0 && s.limit_factor() <= 1.0);
+            assert!(s.max_in_flight().is_none_or(|c| c >= 8));
             assert_eq!(PressureSnapshot::decode(&s.encode()), Ok(s));
         }
         let store = MemStore::new();
@@ -1144,7 +1148,7 @@ fn fuzz_pressure() {
             match g.below(4) {
                 0 => tracker.on_failure(ep, FailureReason::Timeout, t),
                 1 => {
-                    let _ = tracker.on_sample(ep, &g.bytes(200), t);
+                    let _ = tracker.on_sample(ep, &g.bytes(200), g.below(4096) as u32, t);
                 }
                 _ => {
                     let mut body = Vec::new();
@@ -1166,7 +1170,7 @@ fn fuzz_pressure() {
                     if g.one_in(6) {
                         body.pop();
                     }
-                    let _ = tracker.on_sample(ep, &body, t);
+                    let _ = tracker.on_sample(ep, &body, g.below(4096) as u32, t);
                 }
             }
             let snap = tracker.snapshot(t);

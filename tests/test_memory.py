@@ -1,24 +1,21 @@
-"""Issue 6 acceptance: memory shedding keeps the store alive.
+"""Issue 19 acceptance: memory shedding alone keeps the store below 0.85 of its limit.
 
 A real Envoy (2 workers) in front of kask-sim with a memory limit, under `kask-sim supervise`
-(restarts like Kubernetes and reports OOM kills), driven by an open-loop load (sessionload,
-the incident's mix) at 1.5x the store's capacity:
+(restarts like Kubernetes and reports OOM kills), calibrated as `make demo` is (4 backend
+workers x 2.2 ms = 1,818 key requests/s, 20Ki per request, ~36 KB resident per request in
+flight, freed memory resident for 120 s), driven by an open-loop load (sessionload, the
+incident's mix) with reader keys the negative cache cannot absorb (uniform over 10^9 keys):
+steady at 0.75x capacity, a step to SURGE x capacity, steady again.
 
-- without the filter the store's backlog, and with it its memory, grows until it is
-  OOM-killed (supervise's events: `"oom": true`, signal 9), again after every restart;
-- with sessionguard, memory shedding only (no concurrency limit, no admission control, no
-  negative cache), the store must never be killed, its resident memory must stay below
-  `hard` x limit (plus TOLERANCE), and once the surge ends shedding must stop within
-  STOP_WITHIN_S seconds, although resident memory stays high (kask-sim keeps freed memory
-  resident, as Go does): the filter decides on heap + stack in use, which fall at once.
+- without the filter the store is OOM-killed (the load is heavy enough to matter);
+- with sessionguard, memory shedding alone (`concurrency` fixed at 2048, admission control in
+  shadow mode, `memory` given only the pod's limit), the store must never be killed, its
+  resident memory must stay <= 0.85 of the limit, writes >= 99.9% and logged-in reads >= 99%
+  must succeed, and 503s must stop within 2 s after the surge ends.
 
-The filter runs with its defaults (memory shedding decides on resident memory less what the
-runtime retains free, `RSS - (heap_idle - heap_released)`). Run directly, this file also
-measures the fallback that decides on heap + stack in use (`retained_gauges: []`), which
-acts too late (docs/memory.md).
-
-Run directly (`.venv/bin/python tests/test_memory.py --docs`) it prints the numbers and
-writes docs/memory.md and docs/img/memory.png from the same measurements.
+`make test` runs a short version (3x capacity for 10 s, 64 MiB). The acceptance run (1.5x and
+3x for 30 s, at 32, 64 and 256 MiB) is `.venv/bin/python tests/test_memory.py --acceptance
+--docs`; it writes docs/memory.md's results and docs/img/memory.png.
 """
 
 from __future__ import annotations
@@ -39,52 +36,59 @@ import baselines
 import harness
 
 MiB = 1 << 20
-#: The pod's memory limit. kask-sim holds ~36 KB per in-flight request (Kask's figure), so
-#: ~750 requests in flight kill it.
-LIMIT = 32 * MiB
-#: 4 backend workers x 8 ms = 500 key requests/s. Envoy's route timeout (2.5 s) caps the
-#: store's backlog at ~1,250 requests, well past the ~750 that kill it.
-CAPACITY = 500
-KASK_FLAGS = ["--memory-limit", str(LIMIT), "--per-request-bytes", "20Ki",
-              "--backend-parallelism", "4", "--service-time-ms", "8",
-              "--release-delay-secs", "120"]
-#: Open-loop load: steady at 0.3x capacity, a surge at 1.5x, steady again. Kept low so the
-#: test measures the store, not a 2-core machine shared with other jobs.
-PHASES = [("steady", 3, 150), ("surge", 10, 750), ("after", 6, 150)]
-SURGE_START = PHASES[0][1]
-SURGE_END = SURGE_START + PHASES[1][1]
-#: The filter: memory shedding only, polling every POLL_MS.
-HARD = 0.85
-POLL_MS = 100
-MEMORY = {"enabled": True, "memory_limit_bytes": LIMIT, "poll_interval_ms": POLL_MS}
-CONFIGS = {"defaults": MEMORY}
-#: For docs/memory.md only: the fallback signal, heap + stack in use.
-DOC_CONFIGS = {**CONFIGS, "in-use": {**MEMORY, "retained_gauges": []}}
+#: make demo's calibration (scripts/replay.py): 4 backend workers x 2.2 ms = 1,818 key
+#: requests/s. The acceptance run uses it.
+DEMO_SERVICE_MS = 2.2
+#: make test's: 4 x 8 ms = 500/s, so that the run measures the store and not a 2-core
+#: machine shared with other jobs (at 3x the demo's capacity, Envoy, kask-sim and the load
+#: generator need more CPU than such a machine has to spare).
+SMOKE_SERVICE_MS = 8.0
+PARALLELISM = 4
 
 
-def plugin(memory: dict) -> dict:
-    return {"concurrency": {"enabled": False}, "admission": {"enabled": False},
-            "negative_cache": {"enabled": False}, "memory": memory}
+def capacity(service_ms: float) -> float:
+    return PARALLELISM * 1000 / service_ms
 
 
-#: Resident memory may pass `hard` (0.85 of the limit) by this much of the limit: the filter
-#: sees the store's memory every POLL_MS and its workers pick the decision up on their next
-#: 100 ms tick, while the backlog keeps growing by (arrival - capacity) x 36 KB, ~9 MiB/s
-#: here (~0.03 of the limit per 100 ms); the rest is margin for a machine shared with other
-#: jobs, where polls and ticks run late.
-TOLERANCE = 0.10
-#: After the load falls back, 503s must stop within this many seconds.
-STOP_WITHIN_S = 3
+def kask_flags(limit: int, service_ms: float, delay_ms: int = 0) -> list[str]:
+    delay = ["--get-delay-ms", str(delay_ms)] if delay_ms else []
+    return ["--memory-limit", str(limit), "--per-request-bytes", "20Ki",
+            "--backend-parallelism", str(PARALLELISM), "--service-time-ms", str(service_ms),
+            "--release-delay-secs", "120", *delay]
+
+
+#: Acceptance: peak resident memory of the store, as a share of its limit.
+PEAK_MAX = 0.85
+WRITES_OK_MIN = 0.999
+USER_READS_OK_MIN = 0.99
+#: After the surge, 503s must stop within this many seconds.
+STOP_WITHIN_S = 2
 SAMPLE_EVERY_S = 0.1
 
 
-def scenario(path: Path) -> Path:
-    phases = "\n".join(
-        f'[[phases]]\nname = "{n}"\nduration_s = {d}\nrate = {r}\n' for n, d, r in PHASES)
-    path.write_text(f"""name = "memory-surge"
-seed = 6
-connections = 9000
+def plugin(limit: int) -> dict:
+    """Memory shedding alone: what a new user writes, plus the other two store-protecting
+    mechanisms out of the way."""
+    return {"concurrency": {"mode": "fixed", "limit": 2048}, "admission": {"enforce": False},
+            "memory": {"enabled": True, "memory_limit_bytes": limit}}
+
+
+def phases(service_ms: float, surge: float, steady_s: int, surge_s: int,
+           after_s: int) -> list[tuple[str, int, int]]:
+    cap = capacity(service_ms)
+    steady = round(0.75 * cap)
+    return [("steady", steady_s, steady), ("surge", surge_s, round(surge * cap)),
+            ("after", after_s, steady)]
+
+
+def scenario(path: Path, shape: list[tuple[str, int, int]]) -> Path:
+    body = "\n".join(
+        f'[[phases]]\nname = "{n}"\nduration_s = {d}\nrate = {r}\n' for n, d, r in shape)
+    path.write_text(f"""name = "memory-step"
+seed = 19
+connections = 12000
 timeout_ms = 3000
+connect_timeout_ms = 1200
 arrival = "poisson"
 
 [mix]
@@ -94,19 +98,23 @@ write       = 0.04
 delete      = 0.01
 
 [keys]
-reader_space = 1000000
-session_pool = 2000
-prefill = 200
-prefill_rate = 500
+reader_space = 1000000000
+zipf_s = 0
+# Every session exists before the run (sessionload counts a session as live from the moment
+# its creating write is sent; a read of it before that write is answered is not a logged-in
+# user's read, and the filter rightly does not know it yet).
+session_pool = 1000
+prefill = 1000
+prefill_rate = 250
 
-{phases}""")
+{body}""")
     return path
 
 
 class Supervised:
     """kask-sim under `kask-sim supervise`, one port across restarts."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, flags: list[str]):
         self.events_path = workdir / "events.jsonl"
         self.port_file = workdir / "kask-port"
         self.log = workdir / "kask.log"
@@ -114,7 +122,7 @@ class Supervised:
             [harness.KASK_SIM, "supervise", "--backoff-initial-ms", "500",
              "--backoff-max-ms", "2000", "--events-file", self.events_path, "--",
              "--listen", "127.0.0.1:0", "--data-dir", workdir / "kask-data",
-             "--port-file", self.port_file, *KASK_FLAGS], self.log)
+             "--port-file", self.port_file, *flags], self.log)
         harness.wait_for(lambda: self.port_file.exists() or self.proc.poll() is not None, 20,
                          "kask-sim to listen")
         assert self.proc.poll() is None, self.log.read_text()
@@ -144,7 +152,7 @@ class Supervised:
 
 
 class Sampler(threading.Thread):
-    """The store's memory every SAMPLE_EVERY_S, and the filter's view (if any) every 0.5 s."""
+    """The store's memory every SAMPLE_EVERY_S, and the filter's view (if any) every 0.25 s."""
 
     def __init__(self, kask_port: int, envoy: harness.Envoy | None):
         super().__init__(daemon=True)
@@ -167,11 +175,14 @@ class Sampler(threading.Thread):
             except OSError:
                 self.store.append({"t": t, "down": True})
             if self.envoy is not None and t >= next_filter:
-                next_filter = t + 0.5
+                next_filter = t + 0.25
                 try:
                     s = self.envoy.stats()
                     self.filter.append({"t": t, "ratio": s.get("sessionguard.memory.ratio_permille"),
-                                        "age": s.get("sessionguard.memory.sample_age_ms")})
+                                        "age": s.get("sessionguard.memory.sample_age_ms"),
+                                        "ceiling": s.get("sessionguard.memory.ceiling"),
+                                        "in_flight": s.get("sessionguard.in_flight"),
+                                        "per_request": s.get("sessionguard.memory.bytes_per_request")})
                 except OSError:
                     pass
             self.done.wait(max(0.0, SAMPLE_EVERY_S - (time.time() - t)))
@@ -181,17 +192,17 @@ class Sampler(threading.Thread):
         self.join(timeout=5)
 
 
-def run_case(workdir: Path, memory: dict | None) -> dict:
-    """One run of the surge (memory=None: no filter); everything measured, nothing asserted."""
-    with_filter = memory is not None
+def run_case(workdir: Path, limit: int, service_ms: float, shape: list,
+             with_filter: bool = True, delay_ms: int = 0) -> dict:
+    """One run; everything measured, nothing asserted."""
     workdir.mkdir(parents=True, exist_ok=True)
-    kask = Supervised(workdir)
+    kask = Supervised(workdir, kask_flags(limit, service_ms, delay_ms))
     envoy = None
     sampler = None
     try:
         cfg = harness.localize(harness.load_config("sidecar.yaml"),
                                upstreams={"sessionstore": [kask.port]},
-                               plugin=plugin(memory) if with_filter else None)
+                               plugin=plugin(limit) if with_filter else None)
         if not with_filter:
             cfg = baselines.bare(cfg)
         envoy = harness.Envoy(workdir, cfg, concurrency=2).start()
@@ -199,9 +210,9 @@ def run_case(workdir: Path, memory: dict | None) -> dict:
         sampler.start()
         out = workdir / "load"
         run = subprocess.run(
-            [harness.SESSIONLOAD, "run", "--scenario", scenario(workdir / "scenario.toml"),
+            [harness.SESSIONLOAD, "run", "--scenario", scenario(workdir / "scenario.toml", shape),
              "--target", f"http://127.0.0.1:{envoy.port}", "--out", out, "--quiet"],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True, text=True, timeout=600)
         assert run.returncode in (0, 3), run.stderr[-2000:]
         stats = envoy.stats() if with_filter else {}
     finally:
@@ -213,27 +224,33 @@ def run_case(workdir: Path, memory: dict | None) -> dict:
     series = json.loads((out / "timeseries.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     t0 = series["t0_unix_ms"] / 1000.0
-    events = kask.events()
-    kills = [e for e in events if e.get("event") == "exit" and e.get("signal") == 9]
+    kills = [e for e in kask.events() if e.get("event") == "exit" and e.get("signal") == 9]
     live = [s for s in sampler.store if not s.get("down") and s["t"] >= t0 - 1]
+    classes = summary["classes"]
+    surge_end = shape[0][1] + shape[1][1]
     return {
         "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "memory_config": memory,
+        "limit": limit, "service_ms": service_ms, "delay_ms": delay_ms, "shape": shape,
+        "load_average": os.getloadavg(), "with_filter": with_filter, "surge_end": surge_end,
         "oom_kills": sum(1 for e in kills if e.get("oom")),
         "sigkills": len(kills),
         "kill_times": [round(e["t"] / 1000.0 - t0, 2) for e in kills],
         "peak_rss": max((s["rss"] for s in live), default=None),
-        "peak_inuse": max((s["inuse"] for s in live), default=None),
+        "peak_inflight": max((s["inflight"] for s in live), default=None),
         "store": [{**s, "t": round(s["t"] - t0, 2)} for s in sampler.store],
         "filter": [{**s, "t": round(s["t"] - t0, 2)} for s in sampler.filter],
         "seconds": [{"t": s["t"], "sent": s["sent"], "ok": s["ok"], "shed": s["shed"],
                      "error": s["error"]} for s in series["seconds"]],
         "stats": stats,
-        "summary": {k: summary["overall"][k] for k in ("sent", "ok", "shed_503")}
-        | {"errors": summary["overall"]["errors"]["total"],
-           "write_ok": summary["classes"]["write"]["ok"],
-           "write_sent": summary["classes"]["write"]["sent"]},
+        "classes": {c: {k: classes[c][k] for k in ("sent", "ok", "shed_503")}
+                    | {"errors": classes[c]["errors"]["total"]} for c in classes},
+        "sent": summary["overall"]["sent"], "ok": summary["overall"]["ok"],
     }
+
+
+def ok_share(case: dict, cls: str) -> float:
+    c = case["classes"][cls]
+    return c["ok"] / c["sent"] if c["sent"] else 1.0
 
 
 def last_shed_second(case: dict) -> int | None:
@@ -241,251 +258,240 @@ def last_shed_second(case: dict) -> int | None:
     return max(shed) if shed else None
 
 
+def failures(case: dict, writes_min: float = WRITES_OK_MIN,
+             user_reads_min: float = USER_READS_OK_MIN) -> list[str]:
+    """What the acceptance criteria say about one guarded run (empty: all met)."""
+    out = []
+    limit = case["limit"]
+    if case["sigkills"]:
+        out.append(f"store killed at t={case['kill_times']}")
+    peak = (case["peak_rss"] or 0) / limit
+    if case["peak_rss"] is None or peak > PEAK_MAX:
+        out.append(f"peak RSS {peak:.3f} of the limit > {PEAK_MAX}")
+    if ok_share(case, "write") < writes_min:
+        out.append(f"writes ok {ok_share(case, 'write'):.4f} < {writes_min}: {case['classes']['write']}")
+    if ok_share(case, "user_get") < user_reads_min:
+        out.append(f"logged-in reads ok {ok_share(case, 'user_get'):.4f} < {user_reads_min}: "
+                   f"{case['classes']['user_get']}")
+    last = last_shed_second(case)
+    if last is not None and last >= case["surge_end"] + STOP_WITHIN_S:
+        out.append(f"503s until second {last}; the surge ended at {case['surge_end']}: " + str(
+            [(s["t"], s["shed"]) for s in case["seconds"] if s["t"] >= case["surge_end"] - 1]))
+    return out
+
+
 # ------------------------------------------------------------------------------------------
+# make test: a short step to 3x capacity at 64 MiB.
+
+SMOKE_LIMIT = 32 * MiB
+SMOKE_SHAPE = phases(SMOKE_SERVICE_MS, 3.0, 4, 8, 6)
+
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     base = tmp_path_factory.mktemp("memory")
-    out = {"bare": run_case(base / "bare", None)}
-    for name, memory in CONFIGS.items():
-        out[name] = run_case(base / name, memory)
-    return out
-
-
-def check_survives_below_hard(case: dict) -> None:
-    assert case["sigkills"] == 0, (
-        f"store killed at t={case['kill_times']} (peak RSS {case['peak_rss'] / MiB:.1f} MiB)")
-    assert case["peak_rss"] is not None
-    ceiling = (HARD + TOLERANCE) * LIMIT
-    assert case["peak_rss"] <= ceiling, (
-        f"peak RSS {case['peak_rss'] / MiB:.1f} MiB > (hard {HARD} + {TOLERANCE}) x "
-        f"{LIMIT / MiB:.0f} MiB")
-    assert sum(s["shed"] for s in case["seconds"]) > 0, "no shedding: the load is too light"
-    assert case["stats"].get("sessionguard.shed.memory.sheddable", 0) > 0
-
-
-def check_stops_shedding(case: dict) -> None:
-    last = last_shed_second(case)
-    assert last is not None, "nothing was shed"
-    assert last < SURGE_END + STOP_WITHIN_S, (
-        f"503s until second {last}; the surge ended at {SURGE_END}: "
-        + str([(s["t"], s["shed"]) for s in case["seconds"] if s["t"] >= SURGE_END - 1]))
-    # Resident memory is still high then (kask-sim retains it, as Go does): the filter
-    # stopped because it decides on memory in use, not on RSS.
-    after = [s for s in case["store"] if not s.get("down") and s["t"] >= SURGE_END + STOP_WITHIN_S]
-    assert after and max(s["rss"] for s in after) > 0.5 * case["peak_rss"]
+    return {"bare": run_case(base / "bare", SMOKE_LIMIT, SMOKE_SERVICE_MS, SMOKE_SHAPE,
+                             with_filter=False),
+            "guarded": run_case(base / "guarded", SMOKE_LIMIT, SMOKE_SERVICE_MS, SMOKE_SHAPE)}
 
 
 def test_without_the_filter_the_store_is_oom_killed(cases):
     bare = cases["bare"]
     assert bare["oom_kills"] >= 1, (
-        f"no OOM kill without protection (peak RSS {bare['peak_rss'] / MiB:.1f} MiB of "
-        f"{LIMIT / MiB:.0f}): the load is not above capacity on this machine")
-    assert bare["sigkills"] >= bare["oom_kills"]
+        f"no OOM kill without protection (peak RSS {(bare['peak_rss'] or 0) / MiB:.1f} MiB of "
+        f"{SMOKE_LIMIT / MiB:.0f}): the load is not above capacity on this machine")
 
 
-def test_memory_shedding_keeps_the_store_alive_below_hard(cases):
-    check_survives_below_hard(cases["defaults"])
+#: make test's bars for writes and logged-in reads are a little below the acceptance's (99.9%
+#: and 99%, checked by the acceptance run): one shed write in ~700 (the limiter's critical
+#: reserve catching up with the step) would fail 99.9%, and the sessions that replace deleted
+#: ones are read, now and then, before the filter has seen their first write answered (such a
+#: read is sheddable by design). docs/memory.md gives both.
+SMOKE_WRITES_MIN = 0.995
+SMOKE_USER_READS_MIN = 0.985
 
 
-def test_shedding_stops_within_seconds_after_the_surge(cases):
-    check_stops_shedding(cases["defaults"])
-
-
-def test_writes_are_not_shed_while_readers_are(cases):
-    case = cases["defaults"]
-    assert case["summary"]["write_ok"] >= 0.95 * case["summary"]["write_sent"], case["summary"]
-    assert case["stats"].get("sessionguard.shed.memory.critical", 0) == 0
+def test_memory_shedding_alone_keeps_the_store_alive_and_serves_users(cases):
+    case = cases["guarded"]
+    problems = failures(case, SMOKE_WRITES_MIN, SMOKE_USER_READS_MIN)
+    assert not problems, problems
+    # It was the memory guard that shed (the surge is far above capacity).
+    assert case["stats"].get("sessionguard.shed.memory.sheddable", 0) > 0, case["stats"]
 
 
 def test_memory_metrics_are_exported(cases):
-    for name in CONFIGS:
-        case = cases[name]
-        stats = case["stats"]
-        for metric in ("sessionguard.memory.ratio_permille", "sessionguard.memory.sample_age_ms"):
-            assert metric in stats, sorted(stats)
-        assert 0 <= stats["sessionguard.memory.ratio_permille"] <= 2000
-        # Polled every 100 ms; a fresh sample is never older than a few polls.
-        assert stats["sessionguard.memory.sample_age_ms"] < 2000, stats
-        ratios = [f["ratio"] for f in case["filter"] if f["ratio"] is not None]
-        assert max(ratios) >= 700, f"{name}: the filter never saw pressure: {ratios}"
+    stats = cases["guarded"]["stats"]
+    for metric in ("sessionguard.memory.ratio_permille", "sessionguard.memory.sample_age_ms",
+                   "sessionguard.memory.ceiling", "sessionguard.memory.bytes_per_request"):
+        assert metric in stats, sorted(stats)
+    assert stats["sessionguard.memory.sample_age_ms"] < 2000, stats
+    # kask-sim holds ~36 KB per request (up to ~50 KB with a new connection each): below the
+    # prior, which therefore holds (the estimate rises only above it).
+    b = stats["sessionguard.memory.bytes_per_request"]
+    assert 64 * 1024 <= b < 128 * 1024, b
+    ceilings = [f["ceiling"] for f in cases["guarded"]["filter"] if f.get("ceiling")]
+    assert ceilings and min(ceilings) >= 8, ceilings
 
 
 # ------------------------------------------------------------------------------------------
-# docs/memory.md and docs/img/memory.png (run this file directly with --docs)
+# The acceptance run (run this file directly).
 
-TITLES = {
-    "bare": "Envoy without the filter",
-    "defaults": "sessionguard memory shedding (defaults: RSS less retained-free)",
-    "in-use": "sessionguard deciding on heap + stack in use (retained_gauges: [])",
-}
+ACCEPTANCE = [(limit, surge) for limit in (64 * MiB, 32 * MiB, 256 * MiB) for surge in (1.5, 3.0)]
 
 
-def plot(results: dict, path: Path) -> None:
+def describe(r: dict) -> str:
+    return (f"limit {r['limit'] // MiB} MiB, surge {r['shape'][1][2]}/s: OOM kills {r['oom_kills']}, "
+            f"peak RSS {(r['peak_rss'] or 0) / r['limit']:.3f}, writes ok {ok_share(r, 'write'):.4f}, "
+            f"logged-in reads ok {ok_share(r, 'user_get'):.4f}, last 503 second "
+            f"{last_shed_second(r)} (surge ended {r['surge_end']}), failures {failures(r)}")
+
+
+def print_series(r: dict) -> None:
+    print("   per second (t sent ok shed err):",
+          " ".join(f"{s['t']}:{s['sent']}/{s['ok']}/{s['shed']}/{s['error']}" for s in r["seconds"]))
+    print("   filter (t ceiling in_flight per_request ratio):", " ".join(
+        f"{f['t']:.1f}:{f.get('ceiling')}/{f.get('in_flight')}/{f.get('per_request')}/{f.get('ratio')}"
+        for f in r["filter"]))
+
+
+def plot(results: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 1, figsize=(10, 2.7 * len(results)), sharex=True,
-                             squeeze=False)
-    for ax, (name, r) in zip(axes[:, 0], results.items()):
-        ax.axvspan(SURGE_START, SURGE_END, color="0.92", zorder=0)
-        # NaN where the store was down, so the lines break there.
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 2.6 * len(results)), squeeze=False)
+    nan = float("nan")
+    for ax, r in zip(axes[:, 0], results):
+        limit = r["limit"] / MiB
+        (_, steady_s, _), (_, surge_s, surge_rate), _ = r["shape"]
+        ax.axvspan(steady_s, steady_s + surge_s, color="0.92", zorder=0)
         ts = [s["t"] for s in r["store"]]
-        nan = float("nan")
         ax.plot(ts, [nan if s.get("down") else s["rss"] / MiB for s in r["store"]],
-                color="0.2", lw=1.2, label="store RSS")
-        ax.plot(ts, [nan if s.get("down") else s["inuse"] / MiB for s in r["store"]],
-                color="tab:purple", lw=1.0, label="heap + stack in use")
-        for s in r["store"]:
-            if s.get("down"):
-                ax.axvspan(s["t"] - SAMPLE_EVERY_S / 2, s["t"] + SAMPLE_EVERY_S / 2,
-                           color="tab:red", alpha=0.15, lw=0)
-        ax.axhline(LIMIT / MiB, color="tab:red", ls="--", lw=1, label="pod limit")
-        ax.axhline(HARD * LIMIT / MiB, color="tab:orange", ls=":", lw=1, label="0.85 x limit")
+                color="0.15", lw=1.2, label="store RSS (MiB)")
+        ax.axhline(limit, color="tab:red", ls="--", lw=1, label="pod limit")
+        ax.axhline(PEAK_MAX * limit, color="tab:orange", ls=":", lw=1, label="0.85 x limit")
         for t in r["kill_times"]:
             ax.axvline(t, color="tab:red", lw=1.5)
-        ax.set_ylim(0, LIMIT / MiB * 1.1)
+        ax.set_ylim(0, limit * 1.1)
         ax.set_ylabel("MiB")
-        ax.set_title(f"{TITLES[name]}: {r['oom_kills']} OOM kills, peak RSS "
-                     f"{(r['peak_rss'] or 0) / LIMIT:.2f} of the limit", fontsize=10, loc="left")
+        ax.set_title(f"{limit:.0f} MiB, {surge_rate / capacity(r['service_ms']):.1f}x capacity: "
+                     f"{r['oom_kills']} OOM kills, peak RSS {(r['peak_rss'] or 0) / r['limit']:.2f}, "
+                     f"writes {ok_share(r, 'write'):.2%}, logged-in reads {ok_share(r, 'user_get'):.2%}",
+                     fontsize=9, loc="left")
         rq = ax.twinx()
-        xs = [s["t"] + 0.5 for s in r["seconds"]]
-        rq.step(xs, [s["ok"] for s in r["seconds"]], where="mid", color="tab:green", lw=1,
-                label="ok/s")
-        rq.step(xs, [s["shed"] for s in r["seconds"]], where="mid", color="tab:blue", lw=1,
-                label="503/s")
-        rq.set_ylim(0, max(rate for _, _, rate in PHASES) * 1.15)
-        rq.set_ylabel("requests/s")
+        f = [x for x in r["filter"] if x.get("ceiling")]
+        rq.step([x["t"] for x in f], [x["ceiling"] for x in f], where="post", color="tab:blue",
+                lw=1, label="ceiling (requests)")
+        rq.plot([x["t"] for x in f], [x.get("in_flight") or 0 for x in f], color="tab:green",
+                lw=1, label="in flight, filter")
+        rq.plot(ts, [nan if s.get("down") else s["inflight"] for s in r["store"]],
+                color="tab:purple", lw=0.8, label="in flight, store")
+        top = max([x["ceiling"] for x in f] + [1])
+        rq.set_ylim(0, top * 1.3)
+        rq.set_ylabel("requests")
     h1, l1 = axes[0, 0].get_legend_handles_labels()
-    ok = plt.Line2D([], [], color="tab:green")
-    shed = plt.Line2D([], [], color="tab:blue")
-    fig.legend(h1 + [ok, shed], l1 + ["answered ok /s (right)", "503 /s (right)"],
+    lines = [plt.Line2D([], [], color=c) for c in ("tab:blue", "tab:green", "tab:purple")]
+    fig.legend(h1 + lines, l1 + ["ceiling (right)", "in flight, filter (right)",
+                                 "in flight, store (right)"],
                loc="upper center", ncol=6, frameon=False, fontsize=8)
-    axes[-1, 0].set_xlabel("seconds (grey: surge at 1.5x capacity); red: OOM kill / store down")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    axes[-1, 0].set_xlabel("seconds (grey: the surge)")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def row(name: str, r: dict) -> str:
-    s = r["summary"]
-    last = last_shed_second(r)
-    stop = "-" if last is None else (
-        f"{max(0, last + 1 - SURGE_END)} s" if last >= SURGE_END - 1 else "before the end")
-    if r["memory_config"] is not None and last is not None and last >= PHASES[-1][1] + SURGE_END - 1:
-        stop = "never (until the end of the run)"
-    return (f"| {TITLES[name]} | {r['oom_kills']} | {(r['peak_rss'] or 0) / MiB:.1f} MiB "
-            f"({(r['peak_rss'] or 0) / LIMIT:.2f}) | {(r['peak_inuse'] or 0) / MiB:.1f} MiB | "
-            f"{s['ok']} / {s['sent']} | {s['write_ok']} / {s['write_sent']} | {s['shed_503']} | "
-            f"{stop} |")
+def table(results: list[dict]) -> str:
+    rows = ["| limit | surge | OOM kills | peak RSS / limit | writes ok | logged-in reads ok | "
+            "503s stop after the surge | ceiling (min-max) | bytes/request | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        last = last_shed_second(r)
+        stop = "-" if last is None else (
+            f"{max(0, last + 1 - r['surge_end'])} s" if last >= r["surge_end"] - 1 else "before the end")
+        ceil = [x["ceiling"] for x in r["filter"] if x.get("ceiling")]
+        per = [x["per_request"] for x in r["filter"] if x.get("per_request")]
+        w, u = r["classes"]["write"], r["classes"]["user_get"]
+        rows.append(
+            f"| {r['limit'] // MiB} MiB | {r['shape'][1][2] / capacity(r['service_ms']):.1f}x "
+            f"({r['shape'][1][2]}/s) | {r['oom_kills']} | {(r['peak_rss'] or 0) / r['limit']:.3f} | "
+            f"{ok_share(r, 'write'):.2%} ({w['ok']}/{w['sent']}) | "
+            f"{ok_share(r, 'user_get'):.2%} ({u['ok']}/{u['sent']}) | {stop} | "
+            f"{min(ceil, default=0)}-{max(ceil, default=0)} | {max(per, default=0)} | "
+            f"{r['load_average'][0]:.1f} |")
+    return "\n".join(rows)
 
 
-def write_docs(results: dict) -> None:
+def write_results(results: list[dict], command: str) -> None:
+    """Replaces the results section of docs/memory.md and writes docs/img/memory.png."""
     root = harness.ROOT
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
     plot(results, root / "docs/img/memory.png")
+    date = results[0]["measured_at"]
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
-    date = next(iter(results.values())).get("measured_at") or datetime.datetime.now(
-        datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    phases = ", ".join(f"{n} {d} s at {r}/s" for n, d, r in PHASES)
-    rows = "\n".join(row(n, r) for n, r in results.items())
-    text = f"""# Memory shedding keeps the store alive (issue 6)
+    section = f"""<!-- results: generated by tests/test_memory.py -->
+Measured {date} at commit {commit}{" (with uncommitted changes)" if dirty else ""} by
+`{command}` ({os.cpu_count()} cores, {cpu}; the machine was shared with other jobs: the
+load average at the end of each run is in the table). kask-sim `{" ".join(kask_flags(0, results[0]["service_ms"])[2:])}`
+with `--memory-limit` as in the table; steady {results[0]["shape"][0][2]}/s (0.75x capacity)
+for {results[0]["shape"][0][1]} s, the surge for {results[0]["shape"][1][1]} s, steady again for
+{results[0]["shape"][2][1]} s; plugin `{json.dumps(plugin(0)).replace('"memory_limit_bytes": 0', '"memory_limit_bytes": LIMIT')}`.
 
-Measured by `.venv/bin/python tests/test_memory.py --docs` on {date} ({os.cpu_count()} cores,
-{cpu}; the same scenario, without the third row, runs in `make test` as `tests/test_memory.py`, ~45 s).
+{table(results)}
 
-## Setup
+![store memory, the ceiling and requests in flight over time, one panel per run](img/memory.png)
 
-- kask-sim under `kask-sim supervise` (restarts like Kubernetes, reports OOM kills):
-  `{" ".join(KASK_FLAGS)}`: capacity {CAPACITY} key requests/s, ~36 KB resident per
-  in-flight request (Kask's figure), so ~750 requests in flight exceed the {LIMIT // MiB} MiB limit.
-  Freed memory stays resident for 120 s, as Go keeps its heap.
-- Envoy (`envoy/sidecar.yaml`, 2 workers, route timeout 2.5 s) in front of it: without the
-  filter, or with sessionguard doing memory shedding only, otherwise at its defaults:
-  `{json.dumps(plugin(CONFIGS["defaults"]))}`; the third row adds `"retained_gauges": []`,
-  the fallback that decides on heap + stack in use (what the filter did before commit
-  fd60aa0).
-- Open-loop load (sessionload, the incident's mix: 85% reader 404s, 10% logged-in reads,
-  4% writes, 1% logouts; Poisson arrivals, 3 s client timeout): {phases} (1.5x capacity).
-- The store's `/metrics` sampled every {SAMPLE_EVERY_S * 1000:.0f} ms (RSS, heap + stack in use).
-
-## Results
-
-| setup | OOM kills | peak RSS (of limit) | peak in use | answered ok / sent | writes ok / sent | 503s | 503s stop after the surge |
-|---|---|---|---|---|---|---|---|
-{rows}
-
-![store memory and requests per second, one panel per setup](img/memory.png)
-
-Each panel: the store's resident memory (black) and heap + stack in use (purple) against the
-pod limit (red dashes) and 0.85 of it (orange dots); answered and shed (503) requests per
-second (right axis); red lines: OOM kills; grey: the surge.
-
-## What it shows
-
-- **Without the filter** the backlog grows at (750 − 500)/s x ~36 KB, and the store is
-  OOM-killed ~2-3 s into the surge, restarted, killed again: the 2020 CrashLoopBackOff.
-- **With memory shedding at its defaults** the store is never killed: shedding starts as
-  the decision ratio passes `soft` (0.70 of the limit) and holds it at ~0.80, between `soft`
-  and `hard`, while the surge lasts; resident memory peaked at 0.86-0.91 of the limit over
-  several runs (above the decision ratio by what malloc keeps after connections close, which
-  the Go gauges cannot describe). The store keeps answering at its capacity, and writes
-  (critical) are never shed. When the surge ends, 503s stop within a second although RSS
-  stays at its peak (kask-sim, like Go, keeps freed memory resident): the filter decides on
-  RSS less what the runtime holds resident but free (`go_memstats_heap_idle_bytes −
-  go_memstats_heap_released_bytes`), which is RSS while a surge builds and live demand once
-  it ends. The test polls every 100 ms; at the default 1 s, a surge adding ~0.3 of the limit
-  per second, as here, would overshoot by about that much before the first decision: set
-  `poll_interval_ms` for the fastest surge the pod must survive.
-- **Deciding on heap + stack in use instead** (the third row; the filter's signal before
-  fd60aa0) is too late: in use is only ~75-88% of what the same requests hold resident
-  (Kask: ~30 KB in use of ~33-40 KB resident per request; kask-sim ~88%, less under
-  connection churn), so shedding starts when RSS is already ~0.8 of the limit, and too
-  gently (x² in the band) to stop a surge adding ~0.3 of the limit per second: RSS reaches
-  the limit (see the OOM kills in the table; in other runs it survived at 0.99 only because
-  the RSS ceiling at `critical` shed everything). Before fd60aa0 the ceiling then also kept
-  shedding on retained memory: measured at 10:1 503s to answers until the end of the run,
-  long after the surge. It now acts only while demand is itself above `soft`.
-
-Acceptance criteria, as checked by `tests/test_memory.py` on the defaults: never OOM-killed; peak RSS ≤ ({HARD} + {TOLERANCE}) x limit (tolerance: one
-{POLL_MS} ms poll plus one 100 ms tick of backlog growth at ~9 MiB/s, i.e. ~0.05 of the
-limit, with margin for a shared machine); 503s stop within
-{STOP_WITHIN_S} s of the surge's end; `sessionguard.memory.ratio_permille` and
-`sessionguard.memory.sample_age_ms` exported.
-"""
-    (root / "docs/memory.md").write_text(text)
-    print("wrote docs/memory.md and docs/img/memory.png")
+Each panel: the store's resident memory (black, MiB) against its limit (red dashes) and 0.85
+of it (orange dots); on the right axis, the in-flight ceiling the filter published (blue), its
+own in-flight count across workers (green) and the requests the store holds (purple); grey:
+the surge; red lines: OOM kills.
+<!-- /results -->"""
+    doc = root / "docs/memory.md"
+    text = doc.read_text()
+    start, end = text.index("<!-- results"), text.index("<!-- /results -->") + len("<!-- /results -->")
+    doc.write_text(text[:start] + section + text[end:])
+    print("wrote docs/memory.md's results and docs/img/memory.png")
 
 
 if __name__ == "__main__":
     import argparse
     import tempfile
 
-    ap = argparse.ArgumentParser(description="Run the memory acceptance scenario, print numbers")
+    ap = argparse.ArgumentParser(description="Run the memory acceptance scenarios, print numbers")
+    ap.add_argument("--acceptance", action="store_true", help="1.5x and 3x for 30 s at 32/64/256 MiB")
+    ap.add_argument("--limit-mib", type=int, help="one run at this limit (with --surge)")
+    ap.add_argument("--surge", type=float, default=3.0)
+    ap.add_argument("--hold", type=int, default=30, help="seconds of surge")
+    ap.add_argument("--bare", action="store_true", help="without the filter")
+    ap.add_argument("--delay-ms", type=int, default=0,
+                    help="kask-sim --get-delay-ms: every key request waits this long (slow, cheap)")
+    ap.add_argument("--surge-rate", type=int, help="the surge's rate in requests/s (not x capacity)")
+    ap.add_argument("--service-ms", type=float, default=DEMO_SERVICE_MS,
+                    help="kask-sim's mean service time (capacity = 4000 / this)")
     ap.add_argument("--docs", action="store_true",
-                    help="write docs/memory.md and docs/img/memory.png")
-    ap.add_argument("--only", choices=["bare", *DOC_CONFIGS])
+                    help="write docs/memory.md's results section and docs/img/memory.png")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="sg-memory-"))
-    results = {}
-    for name in ("bare", *DOC_CONFIGS):
-        if args.only and args.only != name:
-            continue
-        results[name] = run_case(base / name, DOC_CONFIGS.get(name))
-        r = results[name]
-        print(f"{name}: OOM kills {r['oom_kills']} at {r['kill_times']}, peak RSS "
-              f"{(r['peak_rss'] or 0) / MiB:.1f} MiB, peak in use {(r['peak_inuse'] or 0) / MiB:.1f} MiB, "
-              f"last 503 second {last_shed_second(r)}, {r['summary']}")
-        print("   per second (t sent ok shed err):",
-              " ".join(f"{s['t']}:{s['sent']}/{s['ok']}/{s['shed']}/{s['error']}" for s in r["seconds"]))
-        if r["filter"]:
-            print("   filter ratio:", " ".join(f"{f['t']:.1f}:{f['ratio']}" for f in r["filter"]))
+    runs = ACCEPTANCE if args.acceptance else [((args.limit_mib or 64) * MiB, args.surge)]
+    results = []
+    for limit, surge in runs:
+        shape = phases(args.service_ms, surge, 5, args.hold, 10)
+        if args.surge_rate:
+            shape[1] = ("surge", args.hold, args.surge_rate)
+        r = run_case(base / f"{limit // MiB}-{surge}", limit, args.service_ms, shape,
+                     with_filter=not args.bare, delay_ms=args.delay_ms)
+        results.append(r)
+        print(describe(r), flush=True)
+        print_series(r)
     out = harness.ROOT / "out/memory"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"results: {out / 'results.json'}")
     if args.docs:
-        write_docs(results)
+        write_results(results, " ".join([".venv/bin/python", "tests/test_memory.py", *sys.argv[1:]]))
+    sys.exit(0 if all(not failures(r) for r in results if r["with_filter"]) else 1)

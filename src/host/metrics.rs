@@ -111,6 +111,8 @@ pub struct Metrics {
     pub rejection_permille: Gauge,
     pub memory_ratio_permille: Gauge,
     pub memory_sample_age_ms: Gauge,
+    pub memory_ceiling: Gauge,
+    pub memory_bytes_per_request: Gauge,
     pub cache_occupancy: Gauge,
 }
 
@@ -143,6 +145,8 @@ impl Metrics {
             rejection_permille: Gauge::define(&format!("{p}.admission.rejection_permille")),
             memory_ratio_permille: Gauge::define(&format!("{p}.memory.ratio_permille")),
             memory_sample_age_ms: Gauge::define(&format!("{p}.memory.sample_age_ms")),
+            memory_ceiling: Gauge::define(&format!("{p}.memory.ceiling")),
+            memory_bytes_per_request: Gauge::define(&format!("{p}.memory.bytes_per_request")),
             cache_occupancy: Gauge::define(&format!("{p}.negcache.occupancy")),
         }
     }

@@ -8,6 +8,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
 use crate::config::Config;
+use crate::limiter::read_in_flight;
 use crate::pressure::{self, FailureReason, PressureTracker};
 
 use super::abi::{self, Buffer, Headers, Level};
@@ -30,8 +31,9 @@ pub struct Root {
     id: u32,
     worker: Option<Rc<RefCell<Worker>>>,
     tracker: Option<PressureTracker>,
-    /// Metrics calls in flight: token -> endpoint index.
-    polls: HashMap<u32, usize>,
+    /// Metrics calls in flight: token -> (endpoint index, global in-flight count
+    /// when the call was sent).
+    polls: HashMap<u32, (usize, u32)>,
     next_poll_ms: u64,
 }
 
@@ -51,10 +53,11 @@ impl Root {
         if now_ms < self.next_poll_ms || !self.polls.is_empty() {
             return;
         }
-        self.next_poll_ms = now_ms + cfg.poll_interval_ms;
         let Some(tracker) = self.tracker.as_mut() else {
             return;
         };
+        self.next_poll_ms = now_ms + tracker.next_poll_in_ms(now_ms);
+        let in_flight = global_in_flight();
         let timeout = u32::try_from(cfg.timeout_ms).unwrap_or(u32::MAX);
         for (i, ep) in cfg.endpoints.iter().enumerate() {
             let headers = vec![
@@ -65,7 +68,7 @@ impl Root {
             ];
             match abi::http_call(&ep.cluster, headers, timeout) {
                 Ok(token) => {
-                    self.polls.insert(token, i);
+                    self.polls.insert(token, (i, in_flight));
                 }
                 Err(status) => {
                     tracker.on_failure(i, FailureReason::CallFailed, now_ms);
@@ -108,7 +111,7 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some(endpoint) = self.polls.remove(&token) else {
+        let Some((endpoint, sent_in_flight)) = self.polls.remove(&token) else {
             return;
         };
         let Some(worker) = self.worker.clone() else {
@@ -131,8 +134,11 @@ impl Context for Root {
                     .ok()
                     .flatten()
                     .unwrap_or_default();
+                // The store measured its memory between the two readings; the smaller
+                // keeps the ceiling on the safe side while the count rises.
+                let in_flight = sent_in_flight.min(global_in_flight());
                 // A bad body is recorded by the tracker as a failed poll.
-                let _ = tracker.on_sample(endpoint, &body, now_ms);
+                let _ = tracker.on_sample(endpoint, &body, in_flight, now_ms);
             }
             // Envoy answers a call that timed out with its own 504.
             (_, Some(504)) => tracker.on_failure(endpoint, FailureReason::Timeout, now_ms),
@@ -213,9 +219,11 @@ impl RootContext for Root {
                 self.publish_pressure(&mut w, now_ms);
             }
             let max_age = w.config.memory.max_sample_age_ms;
-            w.pressure = pressure::load(&store, now_ms, max_age).ok();
-            let factor = w.pressure.as_ref().map_or(1.0, |p| p.limit_factor());
-            w.limiter.set_pressure_factor(factor);
+            let loaded = pressure::load(&store, now_ms, max_age).ok();
+            w.adopt_pressure(loaded);
+        } else {
+            // Memory shedding off (or just turned off): no curve, no ceiling.
+            w.adopt_pressure(None);
         }
         if leader {
             w.scan_occupancy(&store, now_ms);
@@ -239,4 +247,10 @@ impl RootContext for Root {
         });
         Some(Box::new(Http::new(context_id, worker)))
     }
+}
+
+/// Requests in flight to the store across all workers, as the limiter's shared table
+/// shows them now (one shared-data read); 0 when nothing is counted yet.
+fn global_in_flight() -> u32 {
+    read_in_flight(&HostStore).map_or(0, |n| n.total())
 }

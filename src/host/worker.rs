@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::admission::Admission;
+use crate::ceiling::{self, MAX_CEILING};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::election::Election;
@@ -60,6 +61,9 @@ pub struct Worker {
     /// Which requests read the clock; the last reading for the others.
     pub clock: Clock,
     pub pressure: Option<PressureSnapshot>,
+    /// The last in-flight ceiling published by the memory poller, held while no
+    /// snapshot can be read (see `adopt_pressure`).
+    memory_ceiling: Option<u32>,
     pub counts: Tally,
     occupancy: OccupancyScan,
 }
@@ -98,6 +102,7 @@ impl Worker {
             woken: HashMap::new(),
             clock: Clock::default(),
             pressure: None,
+            memory_ceiling: None,
             counts: Tally::default(),
             occupancy: OccupancyScan::new(),
             config,
@@ -168,6 +173,36 @@ impl Worker {
         }
     }
 
+    /// Adopts the memory snapshot read from shared data on this tick (`None`: none
+    /// could be read, or it expired): the pressure curve for the next requests, and
+    /// the in-flight ceiling for the limiter. Without a snapshot the curve sheds
+    /// nothing, but the ceiling stays the last one published (before the first, the
+    /// whole line at the prior cost): an unreadable key must not lift the bound,
+    /// and a held ceiling cannot shed forever, as requests in flight end. In shadow
+    /// mode (`memory.enforce: false`) the limiter gets a ceiling that never binds,
+    /// so that it counts in-flight requests and the poller can learn.
+    pub fn adopt_pressure(&mut self, loaded: Option<PressureSnapshot>) {
+        let memory = &self.config.memory;
+        self.pressure = loaded;
+        if !memory.enabled {
+            self.memory_ceiling = None;
+            self.limiter.set_memory_ceiling(None);
+            return;
+        }
+        let published = loaded.and_then(|p| p.max_in_flight());
+        let line = memory.memory_limit_bytes as f64 * memory.critical;
+        let before_any = ceiling::blind_ceiling(
+            line,
+            memory
+                .bytes_per_request
+                .unwrap_or(ceiling::PRIOR_BYTES_PER_REQUEST) as f64,
+        );
+        let held = published.or(self.memory_ceiling).unwrap_or(before_any);
+        self.memory_ceiling = Some(held);
+        let applied = if memory.enforce { held } else { MAX_CEILING };
+        self.limiter.set_memory_ceiling(Some(applied));
+    }
+
     /// Forwards what the core counted since the last tick to Envoy's stats.
     pub fn export_metrics(&mut self, now_ms: u64, tracker: Option<&PressureTracker>) {
         let m = &mut self.metrics;
@@ -218,7 +253,11 @@ impl Worker {
             m.memory_ratio_permille.set_scaled(snap.ratio(), 1000.0);
             m.memory_sample_age_ms
                 .set(snap.sample_age_ms(now_ms).unwrap_or(0));
+            m.memory_bytes_per_request
+                .set(u64::from(snap.bytes_per_request()));
         }
+        m.memory_ceiling
+            .set(u64::from(self.memory_ceiling.unwrap_or(0)));
     }
 }
 

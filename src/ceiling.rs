@@ -1,0 +1,553 @@
+//! The memory guard's in-flight ceiling: the store's memory headroom turned into a
+//! number of requests the filter may have in flight to it.
+//!
+//! # The model
+//!
+//! A Kask pod's memory is a base plus a cost per request it holds (DESIGN.md §6):
+//! `memory ≈ base + per_request × in_flight`. The filter knows `in_flight` exactly,
+//! across workers (the limiter's shared table), at any moment; it sees `memory` only
+//! at each poll of the store's `/metrics`. So at each poll it records the pair
+//! `(in_flight_at_poll, memory_at_poll)` and, between polls, admits a request only
+//! while
+//!
+//! ```text
+//! in_flight < ceiling = in_flight_at_poll + (line − memory_at_poll) / per_request
+//! ```
+//!
+//! where `line` is the memory the store must stay under (a share of its pod limit).
+//! A step surge is then stopped at the first request that would cross the line, not
+//! at the next poll. The formula is anchored on the last measurement, so memory that
+//! grows without requests (a leak, idle connections, a cache) lowers the next
+//! ceiling: it is seen one poll late, never forgotten. Written as
+//! `(line − (memory_at_poll − per_request × in_flight_at_poll)) / per_request`, it is
+//! the headroom above the store's current base, in requests.
+//!
+//! # Learning `per_request` ([`Estimator`])
+//!
+//! From the polls' pairs over a window of [`WINDOW`] polls, by least squares (the
+//! slope of memory against in-flight), but only when the window's in-flight values
+//! spread over at least [`MIN_SPREAD`] requests: at a steady load the in-flight count
+//! hardly moves and the slope is noise. Until then, and whenever the window says
+//! nothing, the estimate stays where it was, starting at a conservative prior
+//! ([`PRIOR_BYTES_PER_REQUEST`], about twice Kask's measured ~36 KB). The estimate
+//! rises at once to a larger slope (memory costs more than thought: act now) and
+//! falls only by a quarter of the way per poll towards a smaller one, so one lucky
+//! window does not open the gates. It never goes below [`MIN_BYTES_PER_REQUEST`]. An
+//! operator who knows the figure can fix it (`memory.bytes_per_request`).
+//!
+//! Least squares underestimates a slope when the in-flight values themselves are
+//! noisy (the count read at the poll is not exactly the count the store had when it
+//! measured its memory); the host reads the in-flight count when the poll is sent
+//! and when its answer arrives and records the smaller one, which keeps the error on
+//! the conservative side while the count rises.
+//!
+//! # Restarts
+//!
+//! A store that restarts has a new base. When its body has
+//! `process_start_time_seconds` (Go's client and kask-sim export it), a change of it
+//! clears the window; the estimate of `per_request` is kept (it is a property of the
+//! store's code, not of the process). Without it, the points from before and after a
+//! restart make the slope steeper for one window (a lower memory at a lower
+//! in-flight): the error is conservative and rolls out of the window.
+//!
+//! # Fail safe
+//!
+//! - The ceiling is never below [`MIN_CEILING`] requests: the store always makes
+//!   progress, and requests in flight end, so nothing is shed forever.
+//! - It is never above [`MAX_CEILING`], and never unset while memory shedding is on:
+//!   without a fresh sample the tracker falls back to the headroom at rest
+//!   ([`Estimator::rest_memory`]), or with no sample ever, to the whole line at the
+//!   prior cost ([`blind_ceiling`]). Nothing is admitted without bound.
+//! - NaN, infinite or negative inputs are ignored or clamped, never a panic.
+
+/// The cost of a request in flight assumed until the polls say otherwise (bytes):
+/// about twice Kask's ~33-40 KB, so a surge before anything is learned is stopped
+/// early rather than late.
+pub const PRIOR_BYTES_PER_REQUEST: u64 = 64 * 1024;
+/// No estimate goes below this (bytes): a Go request costs at least its goroutine's
+/// stack, and a tiny estimate would turn a small headroom into a huge ceiling.
+pub const MIN_BYTES_PER_REQUEST: u64 = 4 * 1024;
+/// Largest accepted estimate or override (bytes).
+pub const MAX_BYTES_PER_REQUEST: u64 = 1 << 30;
+/// The ceiling never goes below this many requests, so that the store makes
+/// progress and critical requests find room (the limiter keeps a share of the
+/// ceiling for them).
+pub const MIN_CEILING: u32 = 8;
+/// Nor above this many (a bound that is a number, not "none").
+pub const MAX_CEILING: u32 = 1 << 24;
+/// Polls in the learning window.
+pub const WINDOW: usize = 32;
+/// The window's in-flight values must span at least this many requests to learn.
+pub const MIN_SPREAD: f64 = 16.0;
+/// Polls needed in the window to learn.
+const MIN_POINTS: usize = 4;
+/// Share of the way a smaller estimate moves it per poll (polls come every 100 ms
+/// while memory moves: from 64 KiB towards 32 KiB takes ~1.4 s to go half-way).
+const FALL_WEIGHT: f64 = 0.05;
+/// At most this many in flight, a poll measures the store's base (memory at rest).
+pub const QUIET_IN_FLIGHT: u32 = 16;
+
+/// A start time that moved by more than this (seconds) is a restart.
+const RESTART_EPSILON_S: f64 = 0.5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Point {
+    in_flight: f64,
+    memory: f64,
+}
+
+/// Counters of an [`Estimator`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EstimatorStats {
+    /// Polls that moved the estimate.
+    pub updates: u64,
+    /// Restarts seen (a new `process_start_time_seconds`).
+    pub restarts: u64,
+}
+
+/// Learns the store's memory per request in flight from the polls (module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimator {
+    fixed: bool,
+    per_request: f64,
+    points: [Point; WINDOW],
+    len: usize,
+    next: usize,
+    start_time: Option<f64>,
+    rest: Option<f64>,
+    /// `memory − per_request × in_flight` at the last quiet poll.
+    quiet: Option<f64>,
+    stats: EstimatorStats,
+}
+
+impl Estimator {
+    /// `fixed`: the operator's figure in bytes, never learned over (clamped to
+    /// [`MIN_BYTES_PER_REQUEST`]..=[`MAX_BYTES_PER_REQUEST`]); `None`: learn, from
+    /// [`PRIOR_BYTES_PER_REQUEST`].
+    pub fn new(fixed: Option<u64>) -> Estimator {
+        let start = fixed
+            .unwrap_or(PRIOR_BYTES_PER_REQUEST)
+            .clamp(MIN_BYTES_PER_REQUEST, MAX_BYTES_PER_REQUEST);
+        Estimator {
+            fixed: fixed.is_some(),
+            per_request: start as f64,
+            points: [Point::default(); WINDOW],
+            len: 0,
+            next: 0,
+            start_time: None,
+            rest: None,
+            quiet: None,
+            stats: EstimatorStats::default(),
+        }
+    }
+
+    /// Records one poll: the filter's in-flight count, the store's memory (bytes)
+    /// and its start time if the body had one. Returns true if it saw a restart.
+    /// A memory that is not a finite, non-negative number is ignored.
+    pub fn observe(&mut self, in_flight: u32, memory: f64, start_time: Option<f64>) -> bool {
+        if !(memory.is_finite() && memory >= 0.0) {
+            return false;
+        }
+        let start_time = start_time.filter(|s| s.is_finite());
+        let restarted = matches!((self.start_time, start_time),
+            (Some(old), Some(new)) if (new - old).abs() > RESTART_EPSILON_S);
+        if restarted {
+            self.len = 0;
+            self.next = 0;
+            self.rest = None;
+            self.quiet = None;
+            self.stats.restarts = self.stats.restarts.saturating_add(1);
+        }
+        if start_time.is_some() {
+            self.start_time = start_time;
+        }
+        self.points[self.next] = Point {
+            in_flight: f64::from(in_flight),
+            memory,
+        };
+        self.next = (self.next + 1) % WINDOW;
+        self.len = (self.len + 1).min(WINDOW);
+        if !self.fixed {
+            self.learn();
+        }
+        let b = self.per_request;
+        if in_flight <= QUIET_IN_FLIGHT {
+            self.quiet = Some((memory - b * f64::from(in_flight)).max(0.0));
+        }
+        self.rest = self
+            .window()
+            .iter()
+            .map(|p| (p.memory - b * p.in_flight).max(0.0))
+            .reduce(f64::min);
+        restarted
+    }
+
+    fn window(&self) -> &[Point] {
+        &self.points[..self.len]
+    }
+
+    /// Least-squares slope of the window, if it says anything (enough points, spread
+    /// and a positive, finite slope).
+    pub fn window_slope(&self) -> Option<f64> {
+        let pts = self.window();
+        if pts.len() < MIN_POINTS {
+            return None;
+        }
+        let (lo, hi) = pts.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), p| {
+            (lo.min(p.in_flight), hi.max(p.in_flight))
+        });
+        if hi - lo < MIN_SPREAD {
+            return None;
+        }
+        let n = pts.len() as f64;
+        let mean_x = pts.iter().map(|p| p.in_flight).sum::<f64>() / n;
+        let mean_y = pts.iter().map(|p| p.memory).sum::<f64>() / n;
+        let (sxx, sxy) = pts.iter().fold((0.0, 0.0), |(sxx, sxy), p| {
+            let dx = p.in_flight - mean_x;
+            (sxx + dx * dx, sxy + dx * (p.memory - mean_y))
+        });
+        let slope = sxy / sxx;
+        (slope.is_finite() && slope > 0.0).then_some(slope)
+    }
+
+    /// Moves the estimate towards the window's slope: at once if it is larger, by
+    /// [`FALL_WEIGHT`] of the way if it is smaller, never below the prior (module
+    /// docs: a lower slope is indistinguishable from requests the store has not
+    /// taken in yet).
+    fn learn(&mut self) {
+        let Some(slope) = self.window_slope() else {
+            return;
+        };
+        let target = slope.clamp(PRIOR_BYTES_PER_REQUEST as f64, MAX_BYTES_PER_REQUEST as f64);
+        let before = self.per_request;
+        self.per_request = if target >= before {
+            target
+        } else {
+            before + FALL_WEIGHT * (target - before)
+        };
+        if self.per_request != before {
+            self.stats.updates = self.stats.updates.saturating_add(1);
+        }
+    }
+
+    /// Bytes per request in flight, as estimated now (or fixed).
+    pub fn per_request(&self) -> f64 {
+        self.per_request
+    }
+
+    /// The lowest `memory − per_request × in_flight` in the window: what the store
+    /// holds with nothing in flight. `None` before the first poll or just after a
+    /// restart.
+    pub fn rest_memory(&self) -> Option<f64> {
+        self.rest
+    }
+
+    /// The store's base now: memory less the cost of the requests in flight, but
+    /// never below the base measured at the last quiet poll. The filter counts a
+    /// request from the moment it sends it; the store pays for it only once it has
+    /// taken it in, so during a surge `memory − per_request × in_flight` can be far
+    /// below the real base; the quiet base bounds that error. Memory that grows
+    /// without requests raises the first term.
+    pub fn base(&self, in_flight: u32, memory: f64) -> f64 {
+        let now = memory - self.per_request * f64::from(in_flight);
+        now.max(self.quiet.unwrap_or(0.0)).max(0.0)
+    }
+
+    /// The in-flight ceiling this poll gives: `(line − base) / per_request`, with the
+    /// base of [`Self::base`] (module docs).
+    pub fn ceiling(&self, in_flight: u32, memory: f64, line: f64) -> u32 {
+        ceiling(0, self.base(in_flight, memory), line, self.per_request)
+    }
+
+    /// Whether the estimate is the operator's.
+    pub fn is_fixed(&self) -> bool {
+        self.fixed
+    }
+
+    pub fn stats(&self) -> EstimatorStats {
+        self.stats
+    }
+}
+
+/// In-flight requests allowed: `in_flight + (line − memory) / per_request`, rounded
+/// down, within [`MIN_CEILING`]..=[`MAX_CEILING`]. A memory already over the line
+/// gives a ceiling below `in_flight` (nothing new until enough requests end), but
+/// never below the minimum. Garbage (NaN, a cost that is not positive) gives the
+/// minimum.
+pub fn ceiling(in_flight: u32, memory: f64, line: f64, per_request: f64) -> u32 {
+    if !(per_request.is_finite() && per_request > 0.0) {
+        return MIN_CEILING;
+    }
+    let c = (f64::from(in_flight) + (line - memory) / per_request).floor();
+    if c.is_nan() {
+        return MIN_CEILING;
+    }
+    // In range, so the cast is exact.
+    c.clamp(f64::from(MIN_CEILING), f64::from(MAX_CEILING)) as u32
+}
+
+/// The ceiling with no sample at all: the whole line at the estimate's cost (as if
+/// the store held nothing at rest). Bounded, and above any ceiling a real sample
+/// would give.
+pub fn blind_ceiling(line: f64, per_request: f64) -> u32 {
+    ceiling(0, 0.0, line, per_request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const KI: f64 = 1024.0;
+    const MI: f64 = 1024.0 * 1024.0;
+
+    /// A store with `base` bytes at rest and `b` bytes per request, plus noise.
+    fn store(base: f64, b: f64, n: u32, noise: f64) -> f64 {
+        base + b * f64::from(n) + noise
+    }
+
+    /// Deterministic noise in [-amp, amp].
+    fn noise(i: u32, amp: f64) -> f64 {
+        let x = (i.wrapping_mul(2_654_435_761) >> 8) % 1000;
+        amp * (f64::from(x) / 500.0 - 1.0)
+    }
+
+    #[test]
+    fn ceiling_formula() {
+        // 64 MiB line, 16 MiB used with 100 in flight, 32 KiB each: 100 + 1536.
+        assert_eq!(ceiling(100, 16.0 * MI, 64.0 * MI, 32.0 * KI), 1636);
+        // Over the line: below the current in-flight, never below the minimum.
+        assert_eq!(ceiling(100, 65.0 * MI, 64.0 * MI, 32.0 * KI), 68);
+        assert_eq!(ceiling(10, 80.0 * MI, 64.0 * MI, 32.0 * KI), MIN_CEILING);
+        // Bounded above.
+        assert_eq!(ceiling(u32::MAX, 0.0, 1e30, 1.0), MAX_CEILING);
+        // Garbage never panics and never admits without bound.
+        for b in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(ceiling(100, 0.0, 64.0 * MI, b), MIN_CEILING);
+        }
+        assert_eq!(ceiling(100, f64::NAN, 64.0 * MI, 1.0), MIN_CEILING);
+        assert_eq!(ceiling(100, f64::INFINITY, 64.0 * MI, 1.0), MIN_CEILING);
+        assert_eq!(ceiling(0, f64::NEG_INFINITY, 64.0 * MI, 1.0), MAX_CEILING);
+        assert_eq!(blind_ceiling(64.0 * MI, 64.0 * KI), 1024);
+    }
+
+    #[test]
+    fn a_step_surge_stops_at_the_line() {
+        // The property the ceiling exists for: whatever the in-flight count at the
+        // poll, filling up to the ceiling lands memory on the line (true cost known).
+        let (base, b, line) = (8.0 * MI, 36.0 * KI, 0.8 * 64.0 * MI);
+        for n0 in [0, 10, 500, 1000] {
+            let c = ceiling(n0, store(base, b, n0, 0.0), line, b);
+            let at_ceiling = store(base, b, c, 0.0);
+            assert!(at_ceiling <= line && at_ceiling > line - b, "{n0}: {c}");
+        }
+    }
+
+    const PRIOR: f64 = PRIOR_BYTES_PER_REQUEST as f64;
+
+    #[test]
+    fn learns_a_larger_cost_from_a_rise_and_nothing_from_a_steady_load() {
+        let (base, b) = (10.0 * MI, 100.0 * KI);
+        let mut e = Estimator::new(None);
+        assert_eq!(e.per_request(), PRIOR);
+        assert_eq!(e.rest_memory(), None);
+        // Steady: in flight 3..8, noisy memory: nothing learned.
+        for i in 0..40 {
+            let n = 3 + i % 6;
+            e.observe(n, store(base, b, n, noise(i, 200.0 * KI)), Some(1.0));
+        }
+        assert_eq!(e.per_request(), PRIOR);
+        assert_eq!(e.stats().updates, 0);
+        // A surge: in flight rises by ~90 per poll; memory noisy by ±200 KiB. The
+        // larger cost is adopted within a few polls.
+        for i in 0..6 {
+            let n = 5 + 90 * i;
+            e.observe(n, store(base, b, n, noise(i, 200.0 * KI)), Some(1.0));
+        }
+        assert!(
+            (e.per_request() - b).abs() < 0.05 * b,
+            "{}",
+            e.per_request()
+        );
+        // The memory at rest is the base, within the noise.
+        let rest = e.rest_memory().unwrap();
+        assert!((rest - base).abs() < 1.0 * MI, "{}", rest / MI);
+        // A cheaper phase (80 KiB) moves it down gradually...
+        let before = e.per_request();
+        for i in 0..40 {
+            let n = 5 + 30 * (i % 30);
+            e.observe(n, store(base, 80.0 * KI, n, 0.0), Some(1.0));
+        }
+        assert!(e.per_request() < before && e.per_request() > 80.0 * KI);
+        for i in 0..200 {
+            let n = 5 + 30 * (i % 30);
+            e.observe(n, store(base, 80.0 * KI, n, 0.0), Some(1.0));
+        }
+        assert!((e.per_request() - 80.0 * KI).abs() < 0.01 * 80.0 * KI);
+    }
+
+    #[test]
+    fn a_store_cheaper_than_the_prior_keeps_the_prior() {
+        // Kask's ~36 KB: below the prior, indistinguishable from a surge the store has
+        // not taken in yet, so the prior holds (the operator may set the figure).
+        let mut e = Estimator::new(None);
+        for i in 0..200 {
+            let n = 10 * (i % 100);
+            e.observe(n, store(8.0 * MI, 36.0 * KI, n, noise(i, 100.0 * KI)), None);
+        }
+        assert_eq!(e.per_request(), PRIOR);
+        let mut fixed = Estimator::new(Some(36 * 1024));
+        fixed.observe(0, 8.0 * MI, None);
+        let c = fixed.ceiling(0, 8.0 * MI, 0.78 * 64.0 * MI);
+        assert_eq!(c, ((0.78 * 64.0 * MI - 8.0 * MI) / (36.0 * KI)) as u32);
+    }
+
+    #[test]
+    fn requests_the_store_has_not_taken_in_do_not_raise_the_ceiling() {
+        let line = 0.78 * 64.0 * MI;
+        let b = 36.0 * KI;
+        let mut e = Estimator::new(None);
+        for i in 0..20 {
+            e.observe(5, store(8.0 * MI, b, 5, noise(i, 100.0 * KI)), None);
+        }
+        // A step: the filter has sent 1,500 requests; the store has taken in 50.
+        let c = e.ceiling(1500, store(8.0 * MI, b, 50, 0.0), line);
+        // The naive anchor would allow 1,500 + the whole headroom; the quiet base
+        // allows the headroom above the base once.
+        let headroom = (line - 8.0 * MI) / PRIOR;
+        assert!(f64::from(c) <= headroom + 3.0, "{c} vs {headroom}");
+        // Memory then lags the count for many polls: the estimate never falls.
+        for i in 0..50 {
+            e.observe(1500, store(8.0 * MI, b, 50 + 20 * i, 0.0), None);
+            assert_eq!(e.per_request(), PRIOR);
+        }
+    }
+
+    #[test]
+    fn a_larger_cost_is_adopted_at_once() {
+        let mut e = Estimator::new(None);
+        for i in 0..8 {
+            let n = 100 * i;
+            e.observe(n, store(5.0 * MI, 200.0 * KI, n, 0.0), None);
+        }
+        assert!(
+            (e.per_request() - 200.0 * KI).abs() < 1.0,
+            "{}",
+            e.per_request()
+        );
+    }
+
+    #[test]
+    fn memory_that_falls_as_requests_rise_teaches_nothing() {
+        let mut e = Estimator::new(None);
+        for i in 0..10 {
+            e.observe(100 * i, 50.0 * MI - f64::from(i) * MI, None);
+        }
+        assert_eq!(e.per_request(), PRIOR);
+        assert_eq!(e.window_slope(), None);
+    }
+
+    #[test]
+    fn garbage_is_ignored() {
+        let mut e = Estimator::new(None);
+        for m in [f64::NAN, f64::INFINITY, -1.0] {
+            assert!(!e.observe(10, m, Some(f64::NAN)));
+        }
+        assert_eq!(e.rest_memory(), None);
+        assert_eq!(e.window().len(), 0);
+        assert_eq!(e.per_request(), PRIOR);
+        // Every in-flight value equal: zero variance, no division by zero.
+        for _ in 0..10 {
+            e.observe(7, 1.0 * MI, None);
+        }
+        assert_eq!(e.window_slope(), None);
+    }
+
+    #[test]
+    fn a_restart_clears_the_window_and_keeps_the_cost() {
+        let b = 100.0 * KI;
+        let mut e = Estimator::new(None);
+        for i in 0..WINDOW as u32 {
+            let n = 40 * (i % 16);
+            e.observe(n, store(30.0 * MI, b, n, 0.0), Some(1000.0));
+        }
+        assert!((e.per_request() - b).abs() < 0.01 * b);
+        assert!((e.rest_memory().unwrap() - 30.0 * MI).abs() < 0.1 * MI);
+        assert!((e.base(0, 30.0 * MI) - 30.0 * MI).abs() < 0.1 * MI);
+        // Restarted: a lower base. The window and the quiet base start over, the
+        // cost stays.
+        assert!(e.observe(0, 6.0 * MI, Some(2000.0)));
+        assert_eq!(e.stats().restarts, 1);
+        assert!((e.rest_memory().unwrap() - 6.0 * MI).abs() < 1.0);
+        assert!((e.base(0, 6.0 * MI) - 6.0 * MI).abs() < 1.0);
+        assert!((e.per_request() - b).abs() < 0.01 * b);
+        // The same start time again is not a restart; a missing one neither.
+        assert!(!e.observe(0, 6.0 * MI, Some(2000.2)));
+        assert!(!e.observe(0, 6.0 * MI, None));
+        assert_eq!(e.stats().restarts, 1);
+    }
+
+    #[test]
+    fn a_restart_without_a_start_time_errs_on_the_safe_side() {
+        let b = 100.0 * KI;
+        let mut learn = Estimator::new(None);
+        let mut fixed = Estimator::new(Some(b as u64));
+        for i in 0..WINDOW as u32 {
+            let n = 40 * (i % 16);
+            learn.observe(n, store(30.0 * MI, b, n, 0.0), None);
+            fixed.observe(n, store(30.0 * MI, b, n, 0.0), None);
+        }
+        let before = learn.per_request();
+        // After the restart: low memory at low in-flight. The slope can only rise.
+        for i in 0..8 {
+            learn.observe(i, store(6.0 * MI, b, i, 0.0), None);
+        }
+        assert!(
+            learn.per_request() >= before * 0.99,
+            "{}",
+            learn.per_request()
+        );
+        // A fixed cost never moves.
+        for i in 0..8 {
+            fixed.observe(i * 100, store(6.0 * MI, 1.0 * MI, i * 100, 0.0), None);
+        }
+        assert!(fixed.is_fixed());
+        assert_eq!(fixed.per_request(), b);
+    }
+
+    #[test]
+    fn memory_without_requests_lowers_the_ceiling() {
+        let line = 0.78 * 64.0 * MI;
+        let mut e = Estimator::new(None);
+        e.observe(5, 8.0 * MI, None);
+        let calm = e.ceiling(5, 8.0 * MI, line);
+        // The store grew by 20 MiB with the same requests (a leak, idle connections).
+        let leak = e.ceiling(5, 28.0 * MI, line);
+        assert_eq!(calm - leak, (20.0 * MI / PRIOR) as u32);
+        // Past the line: the minimum, not zero.
+        assert_eq!(e.ceiling(5, 60.0 * MI, line), MIN_CEILING);
+    }
+
+    #[test]
+    fn overrides_are_clamped() {
+        assert_eq!(
+            Estimator::new(Some(1)).per_request(),
+            MIN_BYTES_PER_REQUEST as f64
+        );
+        assert_eq!(
+            Estimator::new(Some(u64::MAX)).per_request(),
+            MAX_BYTES_PER_REQUEST as f64
+        );
+    }
+
+    #[test]
+    fn the_window_is_bounded() {
+        let mut e = Estimator::new(None);
+        for i in 0..10_000u32 {
+            e.observe(i % 1000, f64::from(i), None);
+        }
+        assert_eq!(e.window().len(), WINDOW);
+    }
+}
