@@ -161,10 +161,12 @@ impl Estimator {
         if start_time.is_some() {
             self.start_time = start_time;
         }
-        self.points[self.next] = Point {
-            in_flight: f64::from(in_flight),
-            memory,
-        };
+        if let Some(point) = self.points.get_mut(self.next) {
+            *point = Point {
+                in_flight: f64::from(in_flight),
+                memory,
+            };
+        }
         self.next = (self.next + 1) % WINDOW;
         self.len = (self.len + 1).min(WINDOW);
         if !self.fixed {
@@ -183,7 +185,7 @@ impl Estimator {
     }
 
     fn window(&self) -> &[Point] {
-        &self.points[..self.len]
+        self.points.get(..self.len).unwrap_or_default()
     }
 
     /// Least-squares slope of the window, if it says anything (enough points, spread

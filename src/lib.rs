@@ -39,15 +39,13 @@ pub mod keytable;
 pub mod limiter;
 pub mod negcache;
 pub mod outcome;
-// Being rewritten on another branch (h19); the lint holds for it once that lands.
-#[allow(clippy::indexing_slicing)]
 pub mod pressure;
 pub mod prom;
 pub mod reply;
 pub mod rng;
 pub mod shared;
 pub mod singleflight;
-mod wire;
+pub mod wire;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod host;

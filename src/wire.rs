@@ -41,6 +41,13 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Reads a `u16` at `offset`, or `None` if out of bounds.
+pub(crate) fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
+    let end = offset.checked_add(2)?;
+    let chunk: [u8; 2] = bytes.get(offset..end)?.try_into().ok()?;
+    Some(u16::from_le_bytes(chunk))
+}
+
 /// Reads a `u32` at `offset`, or `None` if out of bounds.
 pub(crate) fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
     let end = offset.checked_add(4)?;
@@ -53,6 +60,19 @@ pub(crate) fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
     let end = offset.checked_add(8)?;
     let chunk: [u8; 8] = bytes.get(offset..end)?.try_into().ok()?;
     Some(u64::from_le_bytes(chunk))
+}
+
+/// Reads an `f64` at `offset`, or `None` if out of bounds.
+pub(crate) fn f64_at(bytes: &[u8], offset: usize) -> Option<f64> {
+    u64_at(bytes, offset).map(f64::from_bits)
+}
+
+/// FNV-1a, 32 bits: the checksum of shared-data values that carry one (not keyed, not
+/// for hashing keys; see `fingerprint`).
+pub fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Writes `value` at `offset`; false (and nothing written) if out of bounds.

@@ -50,6 +50,7 @@ use sessionguard::rng::splitmix64;
 use sessionguard::shared::{MemStore, SharedStore};
 use sessionguard::singleflight::SingleFlightConfig;
 use sessionguard::singleflight::{Join, Limits, SingleFlight};
+use sessionguard::wire::fnv1a;
 
 // ---------------------------------------------------------------------------------
 // The engine
@@ -1034,12 +1035,6 @@ fn fuzz_prometheus_text() {
 // ---------------------------------------------------------------------------------
 // Memory pressure: snapshot decode, tracker on any body
 // ---------------------------------------------------------------------------------
-
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
 
 fn snapshot_bytes(g: &mut Gen) -> Vec<u8> {
     if g.one_in(4) {

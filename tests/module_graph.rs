@@ -216,12 +216,6 @@ fn expand(toks: &[String], mut i: usize, prefix: Vec<String>, out: &mut Vec<Vec<
     }
 }
 
-/// Cycles known and being removed elsewhere (each with the reason); empty is the goal.
-const PENDING: &[&str] = &[
-    // src/pressure.rs is being rewritten on another branch; its config moves then.
-    "config -> pressure -> config",
-];
-
 #[test]
 fn no_import_cycle_among_src_modules() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -346,7 +340,6 @@ fn no_import_cycle_among_src_modules() {
             format!("  {} -> {}", m.join("::"), to.join(", "))
         })
         .collect();
-    cycles.retain(|c| !PENDING.contains(&c.as_str()));
     assert!(
         cycles.is_empty(),
         "import cycles among src/ modules:\n  {}\n(module graph:\n{})",

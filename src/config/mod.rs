@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 pub mod check;
 
-// The helpers stay reachable here too (`pressure` still imports them from here).
-pub use check::{check_range, check_unit, field, ConfigError};
+use check::check_range;
+pub use check::ConfigError;
 
 use crate::admission::AdmissionConfig;
 use crate::classify::Priorities;
@@ -245,5 +245,82 @@ mod tests {
             e.to_string(),
             "invalid plugin configuration: field `a.b`: must be positive"
         );
+    }
+
+    // The memory section through the whole configuration (its own checks: pressure tests).
+    #[test]
+    fn memory_section_parses_and_refuses_retired_settings() {
+        let c = Config::parse(
+            br#"{"memory": {"enabled": true, "memory_limit_bytes": 419430400,
+                "demand_gauges": [], "gauge": "container_memory_working_set_bytes{container=\"kask\"}",
+                "bytes_per_request": 40000}}"#,
+        )
+        .unwrap();
+        assert!(c.memory.demand_gauges.is_empty());
+        assert_eq!(c.memory.bytes_per_request, Some(40000));
+        // What a new user writes: the limit, nothing else.
+        let c = Config::parse(br#"{"memory": {"enabled": true, "memory_limit_bytes": 419430400}}"#)
+            .unwrap();
+        assert_eq!(c.memory.bytes_per_request, None);
+        // Settings the ceiling retired are refused, by name.
+        for retired in [
+            "critical_max_shed",
+            "min_limit_factor",
+            "fall_smoothing",
+            "drop_on_failure",
+        ] {
+            let json = format!(r#"{{"memory": {{"{retired}": 0}}}}"#);
+            let e = Config::parse(json.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(retired), "{e}");
+        }
+    }
+
+    #[test]
+    fn memory_errors_name_the_field() {
+        let err = |json: &str| Config::parse(json.as_bytes()).unwrap_err();
+        let cases = [
+            (r#"{"memory": {"bogus": 1}}"#, "memory.bogus"),
+            (
+                r#"{"memory": {"enabled": true}}"#,
+                "memory.memory_limit_bytes",
+            ),
+            (
+                r#"{"memory": {"memory_limit_bytes": 400}}"#,
+                "memory.memory_limit_bytes",
+            ),
+            (r#"{"memory": {"gauge": "rss bytes"}}"#, "memory.gauge"),
+            (
+                r#"{"memory": {"demand_gauges": ["a", "b{x=1}"]}}"#,
+                "memory.demand_gauges[1]",
+            ),
+            (
+                r#"{"memory": {"demand_gauges": ["a", "a"]}}"#,
+                "memory.demand_gauges[1]",
+            ),
+            (
+                r#"{"memory": {"demand_gauges": ["a","b","c","d","e","f","g","h","i"]}}"#,
+                "memory.demand_gauges",
+            ),
+            (
+                r#"{"memory": {"endpoints": [{}, {"path": "metrics"}]}}"#,
+                "memory.endpoints[1].path",
+            ),
+            (
+                r#"{"memory": {"endpoints": [{"cluster": ""}]}}"#,
+                "memory.endpoints[0].cluster",
+            ),
+            (r#"{"memory": {"hard": 0.5}}"#, "memory.hard"),
+            (r#"{"memory": {"critical": 1.2}}"#, "memory.critical"),
+            (
+                r#"{"memory": {"bytes_per_request": 100}}"#,
+                "memory.bytes_per_request",
+            ),
+        ];
+        for (json, field) in cases {
+            let e = err(json);
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+        let e = err(r#"{"memory": {"gauge": "a{x=1}"}}"#);
+        assert!(e.message.contains("quoted"), "{e}");
     }
 }
