@@ -130,8 +130,9 @@ struct Waiter {
     deadline_ms: u64,
 }
 
+/// One key's lookup in flight: its leader and the requests waiting for its answer.
 #[derive(Debug)]
-struct Flight {
+struct KeyFlight {
     leader: u32,
     started_ms: u64,
     waiters: Vec<Waiter>,
@@ -140,7 +141,7 @@ struct Flight {
 /// One worker's in-flight GETs by fingerprint.
 #[derive(Debug)]
 pub struct SingleFlight {
-    flights: HashMap<u64, Flight, BuildHasherDefault<FpHasher>>,
+    flights: HashMap<u64, KeyFlight, BuildHasherDefault<FpHasher>>,
     max_waiters: usize,
     max_wait_ms: u64,
     limits: Limits,
@@ -185,7 +186,7 @@ impl SingleFlight {
         } else if self.flights.len() < self.limits.max_keys {
             self.flights.insert(
                 fp,
-                Flight {
+                KeyFlight {
                     leader: id,
                     started_ms: now_ms,
                     waiters: Vec::new(),
@@ -430,7 +431,7 @@ mod tests {
         use std::collections::BTreeSet;
 
         #[derive(Debug, Clone)]
-        enum Op {
+        enum FlightOp {
             Join(u8),
             Complete(u8, bool),
             Gone(u8),
@@ -438,13 +439,13 @@ mod tests {
             Tick(u8),
         }
 
-        fn op() -> impl Strategy<Value = Op> {
+        fn op() -> impl Strategy<Value = FlightOp> {
             prop_oneof![
-                4 => (0u8..6).prop_map(Op::Join),
-                2 => (0u8..6, any::<bool>()).prop_map(|(k, b)| Op::Complete(k, b)),
-                1 => (0u8..6).prop_map(Op::Gone),
-                1 => (0u8..6, 0u8..40).prop_map(|(k, w)| Op::Cancel(k, w)),
-                1 => (0u8..50).prop_map(Op::Tick),
+                4 => (0u8..6).prop_map(FlightOp::Join),
+                2 => (0u8..6, any::<bool>()).prop_map(|(k, b)| FlightOp::Complete(k, b)),
+                1 => (0u8..6).prop_map(FlightOp::Gone),
+                1 => (0u8..6, 0u8..40).prop_map(|(k, w)| FlightOp::Cancel(k, w)),
+                1 => (0u8..50).prop_map(FlightOp::Tick),
             ]
         }
 
@@ -467,7 +468,7 @@ mod tests {
                 };
                 for op in ops {
                     match op {
-                        Op::Join(k) => {
+                        FlightOp::Join(k) => {
                             next_id += 1;
                             match s.join(u64::from(k), next_id, now) {
                                 Join::Leader => { leaders.insert(u64::from(k), next_id); }
@@ -475,22 +476,22 @@ mod tests {
                                 Join::Bypass => {}
                             }
                         }
-                        Op::Complete(k, is404) => {
+                        FlightOp::Complete(k, is404) => {
                             if let Some(l) = leaders.remove(&u64::from(k)) {
                                 back(s.complete(u64::from(k), l, is404), &mut waiting)?;
                             }
                         }
-                        Op::Gone(k) => {
+                        FlightOp::Gone(k) => {
                             if let Some(l) = leaders.remove(&u64::from(k)) {
                                 back(s.leader_gone(u64::from(k), l), &mut waiting)?;
                             }
                         }
-                        Op::Cancel(k, w) => {
+                        FlightOp::Cancel(k, w) => {
                             if s.cancel(u64::from(k), u32::from(w)) {
                                 prop_assert!(waiting.remove(&u32::from(w)));
                             }
                         }
-                        Op::Tick(dt) => {
+                        FlightOp::Tick(dt) => {
                             now += u64::from(dt);
                             back(s.expire(now), &mut waiting)?;
                         }

@@ -738,7 +738,7 @@ mod properties {
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
-    enum Op {
+    enum LimiterOp {
         Acquire {
             w: usize,
             critical: bool,
@@ -763,15 +763,15 @@ mod properties {
         Ceiling(u8),
     }
 
-    fn op(workers: usize, max_conflicts: u32) -> impl Strategy<Value = Op> {
+    fn op(workers: usize, max_conflicts: u32) -> impl Strategy<Value = LimiterOp> {
         prop_oneof![
-            6 => (0..workers, any::<bool>()).prop_map(|(w, critical)| Op::Acquire { w, critical }),
-            5 => (any::<usize>(), 0u8..5).prop_map(|(pick, ending)| Op::Release { pick, ending }),
-            1 => (0..workers).prop_map(|w| Op::Tick { w }),
-            1 => (0u64..5_000).prop_map(Op::Advance),
-            2 => (0..=max_conflicts).prop_map(Op::Conflicts),
-            1 => (1u8..=8).prop_map(Op::Pressure),
-            1 => (0u8..=8).prop_map(Op::Ceiling),
+            6 => (0..workers, any::<bool>()).prop_map(|(w, critical)| LimiterOp::Acquire { w, critical }),
+            5 => (any::<usize>(), 0u8..5).prop_map(|(pick, ending)| LimiterOp::Release { pick, ending }),
+            1 => (0..workers).prop_map(|w| LimiterOp::Tick { w }),
+            1 => (0u64..5_000).prop_map(LimiterOp::Advance),
+            2 => (0..=max_conflicts).prop_map(LimiterOp::Conflicts),
+            1 => (1u8..=8).prop_map(LimiterOp::Pressure),
+            1 => (0u8..=8).prop_map(LimiterOp::Ceiling),
         ]
     }
 
@@ -785,7 +785,7 @@ mod properties {
         }
     }
 
-    struct Sim {
+    struct LimiterSim {
         store: MemStore,
         left: Rc<Cell<u32>>,
         cfg: ConcurrencyConfig,
@@ -796,14 +796,14 @@ mod properties {
         ceiling: Option<u32>,
     }
 
-    impl Sim {
-        fn new(workers: usize, cfg: ConcurrencyConfig) -> Sim {
+    impl LimiterSim {
+        fn new(workers: usize, cfg: ConcurrencyConfig) -> LimiterSim {
             let store = MemStore::new();
             let left = conflicts(&store);
             let ws = (0..workers)
                 .map(|i| Limiter::new(&cfg, 4, i as u64 + 1))
                 .collect();
-            Sim {
+            LimiterSim {
                 store,
                 left,
                 cfg,
@@ -815,9 +815,9 @@ mod properties {
             }
         }
 
-        fn apply(&mut self, op: &Op) {
+        fn apply(&mut self, op: &LimiterOp) {
             match *op {
-                Op::Acquire { w, critical } => {
+                LimiterOp::Acquire { w, critical } => {
                     let crit = if critical { C } else { S };
                     let before = self.true_in_flight();
                     let untracked = self.untracked();
@@ -859,7 +859,7 @@ mod properties {
                         }
                     }
                 }
-                Op::Release { pick, ending: e } => {
+                LimiterOp::Release { pick, ending: e } => {
                     if !self.held.is_empty() {
                         let (w, p) = self.held.swap_remove(pick % self.held.len());
                         let c = Completion {
@@ -870,8 +870,8 @@ mod properties {
                         self.ws[w].release(&self.store, p, c, self.now);
                     }
                 }
-                Op::Tick { w } => self.ws[w].tick(&self.store, self.now, w == 0),
-                Op::Advance(ms) => {
+                LimiterOp::Tick { w } => self.ws[w].tick(&self.store, self.now, w == 0),
+                LimiterOp::Advance(ms) => {
                     // Time passes as on Envoy: every live VM ticks (in a quiet
                     // moment: contention is exercised by acquire, release and Tick).
                     self.now += ms;
@@ -880,19 +880,19 @@ mod properties {
                         self.ws[w].tick(&self.store, self.now, w == 0);
                     }
                 }
-                Op::Conflicts(n) => self.left.set(n),
-                Op::Pressure(eighths) => {
+                LimiterOp::Conflicts(n) => self.left.set(n),
+                LimiterOp::Pressure(eighths) => {
                     for l in &mut self.ws {
                         l.set_pressure_factor(f64::from(eighths) / 8.0);
                     }
                 }
-                Op::Ceiling(n) => {
+                LimiterOp::Ceiling(n) => {
                     self.ceiling = (n > 0).then_some(u32::from(n));
                     for l in &mut self.ws {
                         l.set_memory_ceiling(self.ceiling);
                     }
                 }
-                Op::Crash { w } => {
+                LimiterOp::Crash { w } => {
                     self.next_id += 1;
                     self.ws[w] = Limiter::new(&self.cfg, 4, self.next_id);
                     self.ws[w].set_memory_ceiling(self.ceiling);
@@ -958,7 +958,7 @@ mod properties {
         fn never_above_the_limit_and_back_to_zero(
             ops in proptest::collection::vec(op(4, 3), 1..250),
         ) {
-            let mut sim = Sim::new(4, fixed(6, 0.5));
+            let mut sim = LimiterSim::new(4, fixed(6, 0.5));
             for op in &ops {
                 sim.apply(op);
                 let (c, s) = sim.true_in_flight();
@@ -977,7 +977,7 @@ mod properties {
         fn deferred_releases_only_overstate_and_by_a_bounded_amount(
             ops in proptest::collection::vec(op(4, 3), 1..400),
         ) {
-            let mut sim = Sim::new(4, fixed(32, 0.5));
+            let mut sim = LimiterSim::new(4, fixed(32, 0.5));
             for op in &ops {
                 sim.apply(op);
                 let (c, s) = sim.true_in_flight();
@@ -996,11 +996,11 @@ mod properties {
         #[test]
         fn bound_hits_and_crashes_never_leak(
             ops in proptest::collection::vec(
-                prop_oneof![10 => op(5, 12), 1 => (0usize..5).prop_map(|w| Op::Crash { w })],
+                prop_oneof![10 => op(5, 12), 1 => (0usize..5).prop_map(|w| LimiterOp::Crash { w })],
                 1..250,
             ),
         ) {
-            let mut sim = Sim::new(5, fixed(8, 0.75));
+            let mut sim = LimiterSim::new(5, fixed(8, 0.75));
             for op in &ops {
                 sim.apply(op);
                 let (c, s) = sim.true_in_flight();
@@ -1027,10 +1027,10 @@ mod properties {
         fn shadow_mode_counts_exactly(ops in proptest::collection::vec(op(3, 2), 1..150)) {
             let mut cfg = fixed(3, 0.5);
             cfg.enforce = false;
-            let mut sim = Sim::new(3, cfg);
+            let mut sim = LimiterSim::new(3, cfg);
             let mut acquires = 0u64;
             for op in &ops {
-                if matches!(op, Op::Acquire { .. }) {
+                if matches!(op, LimiterOp::Acquire { .. }) {
                     acquires += 1;
                 }
                 sim.apply(op);

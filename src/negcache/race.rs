@@ -121,7 +121,7 @@ struct Truth {
     epoch: u64,
 }
 
-struct Worker {
+struct SimWorker {
     cache: NegCache,
     flights: SingleFlight,
     tasks: BTreeMap<u32, Task>,
@@ -135,16 +135,16 @@ struct State {
     report: SimReport,
 }
 
-struct Sim {
+struct RaceSim {
     cfg: SimConfig,
     mem: MemStore,
-    workers: Vec<RefCell<Worker>>,
+    workers: Vec<RefCell<SimWorker>>,
     state: RefCell<State>,
     depth: Cell<u32>,
 }
 
 /// The store as the workers see it: `set` may let other workers act first.
-struct Racy<'a>(&'a Sim);
+struct Racy<'a>(&'a RaceSim);
 
 impl SharedStore for Racy<'_> {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
@@ -156,7 +156,7 @@ impl SharedStore for Racy<'_> {
     }
 }
 
-impl Sim {
+impl RaceSim {
     fn rng<T>(&self, f: impl FnOnce(&mut Rng) -> T) -> T {
         f(&mut self.state.borrow_mut().rng)
     }
@@ -210,7 +210,7 @@ impl Sim {
     }
 
     /// Waiters released by their leader (or a timeout) go upstream themselves.
-    fn release(&self, worker: &mut Worker, ids: Vec<u32>) {
+    fn release(&self, worker: &mut SimWorker, ids: Vec<u32>) {
         for id in ids {
             let Some(Task::Wait { key, lookup }) = worker.tasks.remove(&id) else {
                 panic!("released id {id} was not waiting");
@@ -228,7 +228,7 @@ impl Sim {
 
     /// Advances request `id` of `worker` by one phase. No borrow of the state is
     /// held across a cache call, so nested steps can run inside it.
-    fn step(&self, worker: &mut Worker, id: u32) {
+    fn step(&self, worker: &mut SimWorker, id: u32) {
         let Some(task) = worker.tasks.remove(&id) else {
             return;
         };
@@ -515,7 +515,7 @@ pub(crate) fn run(cfg: SimConfig) -> SimReport {
             .with_local_reuse(cfg.local_reuse_ms);
             cache.sabotage = cfg.sabotage;
             cache.table_mut().sabotage_no_jump = cfg.sabotage.fallback_without_jump;
-            RefCell::new(Worker {
+            RefCell::new(SimWorker {
                 cache,
                 flights: SingleFlight::new(&flight_config, Limits::default()),
                 tasks: BTreeMap::new(),
@@ -525,7 +525,7 @@ pub(crate) fn run(cfg: SimConfig) -> SimReport {
     let fps = (0..cfg.keys)
         .map(|k| fingerprinter.fingerprint(format!("wiki:MWSession:{k}").as_bytes()))
         .collect();
-    let sim = Sim {
+    let sim = RaceSim {
         cfg,
         mem,
         workers,
