@@ -16,6 +16,8 @@
 //! Shadow mode is the same for every mechanism: a mechanism with `enforce: false`
 //! counts what it would have shed ([`Tally::would_shed`]) and the pipeline goes on.
 
+use std::rc::Rc;
+
 use crate::admission::{Admission, Decision};
 use crate::classify::{Class, Criticality, Op};
 use crate::config::Config;
@@ -312,7 +314,8 @@ fn reason_of(bound: Bound) -> ShedReason {
 /// One VM's mechanisms, owned: what a [`Guard`] borrows, for code that has no host
 /// worker around it (benchmarks, the simulations in the tests).
 pub struct Vm {
-    pub config: Config,
+    /// Shared with the host's root context, which reads it too.
+    pub config: Rc<Config>,
     pub pressure: Option<PressureSnapshot>,
     pub admission: Admission,
     pub limiter: Limiter,
@@ -337,7 +340,8 @@ pub fn negative_cache(config: &Config, key_seed: u64, rng_seed: u64) -> NegCache
 impl Vm {
     /// A VM with `config`; `vm_id` names it in shared tables, `seed` seeds its
     /// randomness (the key-hash seed is shared: `key_seed`).
-    pub fn new(config: Config, vm_id: u64, key_seed: u64, seed: u64) -> Self {
+    pub fn new(config: impl Into<Rc<Config>>, vm_id: u64, key_seed: u64, seed: u64) -> Self {
+        let config = config.into();
         let mut rng = Rng::new(seed);
         Self {
             cache: negative_cache(&config, key_seed, rng.next_u64()),

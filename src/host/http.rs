@@ -111,7 +111,7 @@ impl Http {
             lookup: self.lookup,
             leader: self.leader,
         };
-        let guard = &mut w.guard();
+        let guard = &mut w.vm.guard();
         if let Some(wake) = guard.settle(
             &HostStore,
             req,
@@ -165,7 +165,7 @@ pub fn wake(w: &mut Worker, ids: &[u32], found_missing: bool, back_to: u32) {
             )
         };
         let woken = if answered {
-            w.counts.coalesced += 1;
+            w.vm.tally.coalesced += 1;
             Woken::Answered
         } else {
             let _ = abi::resume_request();
@@ -216,14 +216,14 @@ impl HttpContext for Http {
         let path = text(raw_path);
         let worker = self.worker.clone();
         let mut w = worker.borrow_mut();
-        let config = w.config.clone();
+        let config = w.vm.config.clone();
         let request = classify(text(method), path, &config.base_uri);
         self.op = request.op;
         if self.op == Op::Other {
             // Health checks, metrics scrapes and requests the store rejects itself cost
             // it nothing: they pass untouched, so a readiness probe through this Envoy
             // is never shed exactly when the pod is busiest.
-            if let Some(n) = w.counts.requests.get_mut(Class::Other.index()) {
+            if let Some(n) = w.vm.tally.requests.get_mut(Class::Other.index()) {
                 *n += 1;
             }
             return Action::Continue;
@@ -237,14 +237,14 @@ impl HttpContext for Http {
         let Some(key) = request.key.as_deref() else {
             return Action::Continue;
         };
-        let fp = w.cache.fingerprint(key);
+        let fp = w.vm.cache.fingerprint(key);
         self.fp = Some(fp);
         let req = KeyRequest {
             op: self.op,
             fp,
             id: self.id,
         };
-        match w.guard().decide(&HostStore, req, now_ms) {
+        match w.vm.guard().decide(&HostStore, req, now_ms) {
             Verdict::CachedMissing => {
                 self.send(
                     &reply::cached_not_found(path),
@@ -321,7 +321,7 @@ impl HttpContext for Http {
             && !self.leader
             && self
                 .lookup
-                .is_some_and(|l| w.cache.exists_is_fresh(&l, now_ms));
+                .is_some_and(|l| w.vm.cache.exists_is_fresh(&l, now_ms));
         if routine && self.started_ns == 0 {
             self.upstream = Upstream::Unread;
             self.responded = true;
@@ -354,7 +354,7 @@ impl HttpContext for Http {
         }
         if let Some(waiter) = take(&mut w.waiters, self.id) {
             // The client left while paused behind a leader.
-            w.flights.cancel(waiter.fp, self.id);
+            w.vm.flights.cancel(waiter.fp, self.id);
             self.local = true;
         }
         let ending = if self.local {
@@ -382,12 +382,12 @@ impl HttpContext for Http {
         }
         if self.leader && self.upstream == Upstream::Silent {
             if let Some(fp) = self.fp {
-                let ids = w.flights.leader_gone(fp, self.id);
+                let ids = w.vm.flights.leader_gone(fp, self.id);
                 wake(&mut w, &ids, false, self.id);
             }
         }
         if !self.local && self.permit.is_some() {
-            w.admission.record_weighted(ending, self.weight);
+            w.vm.admission.record_weighted(ending, self.weight);
         }
         if let Some(permit) = self.permit.take() {
             let done = Completion {
@@ -395,7 +395,7 @@ impl HttpContext for Http {
                 ending,
                 lane: Lane::of(self.op),
             };
-            w.limiter.release(&HostStore, permit, done, now_ms);
+            w.vm.limiter.release(&HostStore, permit, done, now_ms);
         }
     }
 }
@@ -411,7 +411,7 @@ impl Drop for Http {
                     ending: Ending::DownstreamReset,
                     lane: Lane::of(self.op),
                 };
-                w.limiter
+                w.vm.limiter
                     .release(&HostStore, permit, done, abi::now_ns() / 1_000_000);
             }
         }

@@ -49,7 +49,7 @@ impl Root {
     }
 
     fn poll_memory(&mut self, w: &Worker, now_ms: u64) {
-        let cfg = &w.config.memory;
+        let cfg = &w.vm.config.memory;
         if now_ms < self.next_poll_ms || !self.polls.is_empty() {
             return;
         }
@@ -90,7 +90,7 @@ impl Root {
             return;
         };
         let snap = tracker.snapshot(now_ms);
-        let cfg = &w.config;
+        let cfg = &w.vm.config;
         let _ = pressure::publish(
             &HostStore,
             &snap,
@@ -207,18 +207,18 @@ impl RootContext for Root {
         let store = HostStore;
         let vm_id = w.vm_id;
         let leader = w.election.tick(&store, vm_id, now_ms, LEASE_MS);
-        w.limiter.tick(&store, now_ms, leader);
-        w.admission.tick(&store, now_ms);
+        w.vm.limiter.tick(&store, now_ms, leader);
+        w.vm.admission.tick(&store, now_ms);
 
-        let expired = w.flights.expire(now_ms);
+        let expired = w.vm.flights.expire(now_ms);
         wake(&mut w, &expired, false, self.id);
 
-        if w.config.memory.enabled {
+        if w.vm.config.memory.enabled {
             if leader {
                 self.poll_memory(&w, now_ms);
                 self.publish_pressure(&mut w, now_ms);
             }
-            let max_age = w.config.memory.max_sample_age_ms;
+            let max_age = w.vm.config.memory.max_sample_age_ms;
             let loaded = pressure::load(&store, now_ms, max_age).ok();
             w.adopt_pressure(loaded);
         } else {

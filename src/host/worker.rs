@@ -6,19 +6,15 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::admission::Admission;
 use crate::ceiling::{self, MAX_CEILING};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::election::Election;
 use crate::fingerprint::{init_seed, read_seed};
-use crate::guard::{negative_cache, Guard, Tally};
+use crate::guard::{negative_cache, Vm};
 use crate::keytable::OccupancyScan;
-use crate::limiter::Limiter;
-use crate::negcache::NegCache;
 use crate::pressure::{PressureSnapshot, PressureTracker};
 use crate::rng::Rng;
-use crate::singleflight::{Limits, SingleFlight};
 
 use super::abi;
 use super::metrics::Metrics;
@@ -41,30 +37,24 @@ pub enum Woken {
 }
 
 pub struct Worker {
-    pub config: Rc<Config>,
+    /// This VM's mechanisms, what a [`Guard`] borrows.
+    pub vm: Vm,
     pub metrics: Metrics,
-    pub rng: Rng,
     /// Identity of this VM in shared tables (random, so restarts never collide).
     pub vm_id: u64,
-    pub limiter: Limiter,
-    pub admission: Admission,
     pub election: Election,
-    pub cache: NegCache,
     /// The key-hash seed shared by all workers (see `check_seed`).
     seed: u64,
     /// Ticks until the next seed check.
     seed_check_in: u32,
-    pub flights: SingleFlight,
     pub waiters: HashMap<u32, Paused>,
     /// Woken waiters, until their own context notices.
     pub woken: HashMap<u32, Woken>,
     /// Which requests read the clock; the last reading for the others.
     pub clock: Clock,
-    pub pressure: Option<PressureSnapshot>,
     /// The last in-flight ceiling published by the memory poller, held while no
     /// snapshot can be read (see `adopt_pressure`).
     memory_ceiling: Option<u32>,
-    pub counts: Tally,
     occupancy: OccupancyScan,
 }
 
@@ -85,60 +75,39 @@ impl Worker {
         // Envoy configures the main thread's VM before any worker's, so the first
         // configure creates the seed and every worker adopts it.
         let seed = init_seed(&store, rng.next_u64());
-        let mut cache = negative_cache(&config, seed, rng.next_u64());
+        let election = Election::new(config.cas_attempts);
+        let mut vm = Vm::new(config, vm_id, seed, rng.next_u64());
         // Allocate the whole table now: its memory is fixed from start-up, and
         // creating a shard that already exists is a no-op.
-        let _ = cache.table_mut().create_all(&store);
-        let flights = SingleFlight::new(&config.negative_cache.single_flight, Limits::default());
+        let _ = vm.cache.table_mut().create_all(&store);
         Self {
-            limiter: Limiter::new(&config.concurrency, config.cas_attempts, vm_id),
-            admission: Admission::new(&config.admission, config.cas_attempts),
-            election: Election::new(config.cas_attempts),
-            cache,
+            vm,
+            metrics,
+            vm_id,
+            election,
             seed,
             seed_check_in: 0,
-            flights,
             waiters: HashMap::new(),
             woken: HashMap::new(),
             clock: Clock::default(),
-            pressure: None,
             memory_ceiling: None,
-            counts: Tally::default(),
             occupancy: OccupancyScan::new(),
-            config,
-            metrics,
-            rng,
-            vm_id,
-        }
-    }
-
-    /// The decision pipeline over this VM's mechanisms.
-    pub fn guard(&mut self) -> Guard<'_> {
-        Guard {
-            config: &self.config,
-            pressure: self.pressure.as_ref(),
-            admission: &mut self.admission,
-            limiter: &mut self.limiter,
-            cache: &mut self.cache,
-            flights: &mut self.flights,
-            rng: &mut self.rng,
-            tally: &mut self.counts,
         }
     }
 
     /// A new plugin configuration on a live VM: keep in-flight accounting, adopt limits.
     pub fn reconfigure(&mut self, config: Rc<Config>) {
-        self.limiter.reconfigure(&config.concurrency);
-        self.admission.reconfigure(&config.admission);
-        if config.key_table != self.config.key_table
-            || config.negative_cache != self.config.negative_cache
-            || config.cas_attempts != self.config.cas_attempts
+        self.vm.limiter.reconfigure(&config.concurrency);
+        self.vm.admission.reconfigure(&config.admission);
+        if config.key_table != self.vm.config.key_table
+            || config.negative_cache != self.vm.config.negative_cache
+            || config.cas_attempts != self.vm.config.cas_attempts
         {
-            self.seed = init_seed(&HostStore, self.rng.next_u64());
-            self.cache = negative_cache(&config, self.seed, self.rng.next_u64());
-            let _ = self.cache.table_mut().create_all(&HostStore);
+            self.seed = init_seed(&HostStore, self.vm.rng.next_u64());
+            self.vm.cache = negative_cache(&config, self.seed, self.vm.rng.next_u64());
+            let _ = self.vm.cache.table_mut().create_all(&HostStore);
         }
-        self.config = config;
+        self.vm.config = config;
     }
 }
 
@@ -157,17 +126,17 @@ impl Worker {
         if let Some(stored) = read_seed(store) {
             if stored != self.seed {
                 self.seed = stored;
-                self.cache = negative_cache(&self.config, stored, self.rng.next_u64());
+                self.vm.cache = negative_cache(&self.vm.config, stored, self.vm.rng.next_u64());
             }
         }
     }
 
     /// Advances the occupancy scan of the key table by a few shards.
     pub fn scan_occupancy(&mut self, store: &HostStore, now_ms: u64) {
-        let shards_per_tick = self.cache.table().layout().shards.div_ceil(SCAN_TICKS);
-        if let Some(done) = self
-            .occupancy
-            .step(self.cache.table(), store, now_ms, shards_per_tick)
+        let shards_per_tick = self.vm.cache.table().layout().shards.div_ceil(SCAN_TICKS);
+        if let Some(done) =
+            self.occupancy
+                .step(self.vm.cache.table(), store, now_ms, shards_per_tick)
         {
             self.metrics.cache_occupancy.set(done.live());
         }
@@ -182,11 +151,11 @@ impl Worker {
     /// mode (`memory.enforce: false`) the limiter gets a ceiling that never binds,
     /// so that it counts in-flight requests and the poller can learn.
     pub fn adopt_pressure(&mut self, loaded: Option<PressureSnapshot>) {
-        let memory = &self.config.memory;
-        self.pressure = loaded;
+        let memory = &self.vm.config.memory;
+        self.vm.pressure = loaded;
         if !memory.enabled {
             self.memory_ceiling = None;
-            self.limiter.set_memory_ceiling(None);
+            self.vm.limiter.set_memory_ceiling(None);
             return;
         }
         let published = loaded.and_then(|p| p.max_in_flight());
@@ -200,13 +169,13 @@ impl Worker {
         let held = published.or(self.memory_ceiling).unwrap_or(before_any);
         self.memory_ceiling = Some(held);
         let applied = if memory.enforce { held } else { MAX_CEILING };
-        self.limiter.set_memory_ceiling(Some(applied));
+        self.vm.limiter.set_memory_ceiling(Some(applied));
     }
 
     /// Forwards what the core counted since the last tick to Envoy's stats.
     pub fn export_metrics(&mut self, now_ms: u64, tracker: Option<&PressureTracker>) {
         let m = &mut self.metrics;
-        let c = &self.counts;
+        let c = &self.vm.tally;
         for (counter, total) in m.requests.iter_mut().zip(c.requests) {
             counter.export(total);
         }
@@ -218,7 +187,7 @@ impl Worker {
         for (counter, total) in m.would_shed.iter_mut().zip(c.would_shed) {
             counter.export(total);
         }
-        let cache = self.cache.stats();
+        let cache = self.vm.cache.stats();
         m.cache_hits.export(c.cache_hits);
         m.cache_would_hit.export(c.cache_would_hit);
         m.cache_misses.export(cache.misses);
@@ -228,8 +197,8 @@ impl Worker {
         m.cache_stale_fills.export(cache.stale_fills);
         m.cache_coalesced.export(c.coalesced);
 
-        let lim = self.limiter.stats();
-        let adm = self.admission.stats();
+        let lim = self.vm.limiter.stats();
+        let adm = self.vm.admission.stats();
         m.cas_giveups.export(
             lim.cas_giveups_acquire
                 + lim.cas_giveups_release
@@ -249,7 +218,7 @@ impl Worker {
             let p = tracker.stats(now_ms);
             m.memory_scrape_failures.export(p.scrape_failures);
         }
-        if let Some(snap) = &self.pressure {
+        if let Some(snap) = &self.vm.pressure {
             m.memory_ratio_permille.set_scaled(snap.ratio(), 1000.0);
             m.memory_sample_age_ms
                 .set(snap.sample_age_ms(now_ms).unwrap_or(0));
