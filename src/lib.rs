@@ -12,7 +12,9 @@
 //!   table; `sync`: its CAS loop and tick; `bounds`: caps and critical reserve;
 //!   `config`: the `concurrency` section); `gradient/`: the adaptive limit's controller.
 //! - `admission/`: client-side throttling from the store's success rate.
-//! - `pressure.rs`: the store's memory pressure (`prom/` reads its `/metrics`).
+//! - `pressure/`: the store's memory pressure (`config`, `curve`, `endpoint`: one polled
+//!   endpoint, `tracker`: the poller, `snapshot`: what every worker reads); `ceiling.rs`:
+//!   its in-flight ceiling; `prom/` reads the store's `/metrics`.
 //! - `negcache/`: cached 404s (`recent`: reuse of this worker's reads; `race`,
 //!   `hit_rate`: simulations), over `keytable/` (shared slots: `layout`, `bucket`,
 //!   `occupancy`); `singleflight.rs`: coalesced GETs of one missing key.
