@@ -78,8 +78,8 @@
 //! released without writing the table, and its next acquires of the same class take
 //! them back, again without a read or a write: the table already counts those slots,
 //! and it summed to at most the limit when they were admitted. The allowance is
-//! `limit / (16 × busy VMs)` ([`DEFER_DIVISOR`]; busy VMs = slots in the table at
-//! this VM's last read), so all VMs together overstate by about `limit / 16`: other
+//! `room / (16 × busy VMs)` ([`DEFER_DIVISOR`]; room: the limit, or the memory ceiling if
+//! lower; busy VMs = slots in the table at this VM's last read), so all VMs together overstate by about `limit / 16`: other
 //! VMs may shed that much early, nothing is ever admitted beyond the limit. A
 //! release past the allowance writes the exact count; so does every tick (within
 //! 100 ms, with the count of busy VMs refreshed), and the next acquire or release
@@ -115,7 +115,7 @@ use crate::shared::{SetError, SharedStore};
 /// Weight of one decision in the moving shed fraction behind `severity`.
 const SHED_EWMA_WEIGHT: f64 = 1.0 / 32.0;
 
-/// A VM may leave `limit / DEFER_DIVISOR` releases unwritten (module docs).
+/// A VM may leave `room / DEFER_DIVISOR` releases unwritten (module docs).
 pub const DEFER_DIVISOR: u32 = 16;
 
 /// One admitted request's in-flight slot. Give it back with [`Limiter::release`].
@@ -340,13 +340,18 @@ impl Limiter {
     /// Whether a release (already taken off `local`) may stay unwritten: the slot
     /// then overstates this VM by the unwritten releases, at most
     /// `limit / (DEFER_DIVISOR × busy VMs)`, so all VMs together overstate by at
-    /// most `limit / DEFER_DIVISOR` (module docs).
+    /// most `room / DEFER_DIVISOR` (module docs).
     fn may_defer_release(&self) -> bool {
         let MySlot::Shows(stored) = self.slot else {
             return false;
         };
+        if !self.counting() {
+            return false; // permits from before a reconfiguration drain at once
+        }
         let busy = self.slots_seen.max(1);
-        let allowance = self.limit / DEFER_DIVISOR.saturating_mul(busy);
+        // Of the room in force: a memory ceiling far below the limit must not let the
+        // table overstate by a share of the (larger) limit.
+        let allowance = self.room() / DEFER_DIVISOR.saturating_mul(busy);
         stored.total().saturating_sub(self.local.total()) <= allowance
     }
 
