@@ -216,15 +216,14 @@ fn expand(toks: &[String], mut i: usize, prefix: Vec<String>, out: &mut Vec<Vec<
     }
 }
 
-#[test]
-fn no_import_cycle_among_src_modules() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    collect(&root, &root, &mut files);
+type Graph = BTreeMap<Vec<String>, BTreeSet<Vec<String>>>;
+
+/// The module graph of `files` (module path, code) and the cycles in it.
+fn graph_and_cycles(files: &[(Vec<String>, String)]) -> (Graph, Vec<String>) {
     let modules: BTreeSet<Vec<String>> = files.iter().map(|(m, _)| m.clone()).collect();
 
-    let mut edges: BTreeMap<Vec<String>, BTreeSet<Vec<String>>> = BTreeMap::new();
-    for (module, code) in &files {
+    let mut edges: Graph = BTreeMap::new();
+    for (module, code) in files {
         let toks = tokens(code);
         // The inline modules open at this point: (name, brace depth at which it closes).
         let mut inline: Vec<(String, usize)> = Vec::new();
@@ -333,6 +332,15 @@ fn no_import_cycle_among_src_modules() {
             visit(m, &edges, &mut state, &mut stack, &mut cycles);
         }
     }
+    (edges, cycles)
+}
+
+#[test]
+fn no_import_cycle_among_src_modules() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    collect(&root, &root, &mut files);
+    let (edges, cycles) = graph_and_cycles(&files);
     let listing: Vec<String> = edges
         .iter()
         .map(|(m, to)| {
@@ -350,4 +358,22 @@ fn no_import_cycle_among_src_modules() {
     assert!(edges
         .get(&vec!["guard".to_string()])
         .is_some_and(|to| to.contains(&vec!["limiter".to_string()])));
+}
+
+#[test]
+fn the_check_finds_a_planted_cycle() {
+    let file = |m: &str, code: &str| {
+        let path = m.split("::").map(String::from).collect();
+        (path, code_only(code))
+    };
+    let files = [
+        file("a", "use crate::b::{X, c::Y};"),
+        file("b", "pub struct X; mod c; // crate::a is only a comment"),
+        file(
+            "b::c",
+            "use super::X; pub fn f() { crate::a::g(\"crate::b\") }",
+        ),
+    ];
+    let (_, cycles) = graph_and_cycles(&files);
+    assert_eq!(cycles, vec!["a -> b::c -> a".to_string()]);
 }
