@@ -16,7 +16,7 @@
 //!   endpoint, `tracker`: the poller, `snapshot`: what every worker reads); `ceiling.rs`:
 //!   its in-flight ceiling; `prom/` reads the store's `/metrics`.
 //! - `negcache/`: cached 404s (`recent`: reuse of this worker's reads; `race`,
-//!   `hit_rate`: simulations), over `keytable/` (shared slots: `layout`, `bucket`,
+//!   `hit_rate`: simulations), over `keytable/` (shared slots: `layout`, `slot`, `bucket`,
 //!   `occupancy`); `singleflight.rs`: coalesced GETs of one missing key.
 //! - `classify.rs` (what a request is), `reply.rs` (local replies), `outcome.rs`
 //!   (how a request ended), `clock.rs` (which requests are timed).

@@ -1,7 +1,9 @@
 //! The gradient step: pure arithmetic on a [`GradientState`], no store.
 
-use super::*;
+use super::state::{GradientState, LaneState};
+use super::{BASELINE_RISE_PER_WINDOW, GRADIENT_MAX, GRADIENT_MIN, MIN_SAMPLES, SAMPLE_PERCENTILE};
 use crate::limiter::config::{ConcurrencyConfig, LimitMode};
+use crate::wire::f64_to_u32;
 
 /// What a step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +83,7 @@ impl Controller {
         state.last_step_ms = now_ms;
         let mut decided: Option<(f64, usize)> = None;
         for (i, lane) in state.lanes.iter_mut().enumerate() {
-            if let Some(raw) = lane.evaluate(self) {
+            if let Some(raw) = self.evaluate(lane) {
                 if decided.is_none_or(|(r, _)| raw < r) {
                     decided = Some((raw, i));
                 }
@@ -118,5 +120,32 @@ impl Controller {
         state.gradient = raw.clamp(GRADIENT_MIN, GRADIENT_MAX);
         state.peak_in_flight = 0;
         Step::Updated
+    }
+
+    /// Evaluates a lane's window, if it has enough samples: its median joins the
+    /// baseline ring, the baseline moves, the window starts anew. Returns
+    /// `tolerance × baseline / sample` (the lane's gradient, unclamped).
+    pub(super) fn evaluate(&self, lane: &mut LaneState) -> Option<f64> {
+        if lane.window.total() < MIN_SAMPLES {
+            return None;
+        }
+        let sample = lane
+            .window
+            .percentile(SAMPLE_PERCENTILE)
+            .filter(|s| s.is_finite() && *s > 0.0)?;
+        lane.push_window_median(sample);
+        let target = lane.ring_min().unwrap_or(sample);
+        let old = lane.baseline_ms;
+        let baseline = match self.pinned_ms {
+            Some(pinned) => pinned,
+            None if !(old.is_finite() && old > 0.0) => target,
+            None if target <= old => target,
+            None => target.min(old * (1.0 + BASELINE_RISE_PER_WINDOW)),
+        };
+        lane.baseline_ms = baseline;
+        lane.sample_ms = sample;
+        lane.window.clear();
+        let raw = self.tolerance * baseline / sample;
+        Some(if raw.is_finite() { raw } else { 1.0 })
     }
 }

@@ -1,6 +1,6 @@
 //! The RTT window: a fixed-size log histogram, merged across workers.
 
-use super::*;
+use super::{BUCKETS, BUCKETS_PER_OCTAVE, MIN_BUCKET_MS};
 
 /// Fixed-size log histogram of RTTs (ms), 0.05 ms .. ~130 s at 12% resolution.
 #[derive(Clone, PartialEq, Eq)]

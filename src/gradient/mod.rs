@@ -81,7 +81,6 @@
 
 use crate::classify::Op;
 use crate::shared::{update, SharedStore, UpdateError};
-use crate::wire::f64_to_u32;
 
 mod controller;
 mod histogram;

@@ -1,7 +1,10 @@
 //! The controller's state per lane and as a whole, and its byte layout in shared data
 //! (see "Where the data lives" in [`super`]).
 
-use super::*;
+use super::histogram::RttHistogram;
+use super::{
+    Windows, GRADIENT_MAX, GRADIENT_MIN, LANES, MAGIC, RING_SLOTS, SLOT_WINDOWS, STATE_LEN,
+};
 use crate::wire::Reader;
 
 /// What the controller keeps per lane (see the module docs for the layout).
@@ -100,33 +103,6 @@ impl LaneState {
             self.ring_pos = next as u32;
             self.slot_windows = 0;
         }
-    }
-
-    /// Evaluates this lane's window, if it has enough samples: its median joins the
-    /// baseline ring, the baseline moves, the window starts anew. Returns
-    /// `tolerance × baseline / sample` (the lane's gradient, unclamped).
-    pub(super) fn evaluate(&mut self, ctl: &Controller) -> Option<f64> {
-        if self.window.total() < MIN_SAMPLES {
-            return None;
-        }
-        let sample = self
-            .window
-            .percentile(SAMPLE_PERCENTILE)
-            .filter(|s| s.is_finite() && *s > 0.0)?;
-        self.push_window_median(sample);
-        let target = self.ring_min().unwrap_or(sample);
-        let old = self.baseline_ms;
-        let baseline = match ctl.pinned_ms {
-            Some(pinned) => pinned,
-            None if !(old.is_finite() && old > 0.0) => target,
-            None if target <= old => target,
-            None => target.min(old * (1.0 + BASELINE_RISE_PER_WINDOW)),
-        };
-        self.baseline_ms = baseline;
-        self.sample_ms = sample;
-        self.window.clear();
-        let raw = ctl.tolerance * baseline / sample;
-        Some(if raw.is_finite() { raw } else { 1.0 })
     }
 }
 

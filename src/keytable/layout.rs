@@ -1,7 +1,11 @@
 //! Where a table of a given configuration lives: shard keys, bucket ranges, the shard
 //! header (layout in the module docs of [`super`]).
 
-use super::*;
+use super::slot::SlotState;
+use super::{
+    KeyTableConfig, BUCKET_HEADER_BYTES, KEY_PREFIX, MAGIC, MAX_CAPACITY, MAX_SHARD_SLOTS,
+    MAX_WAYS, SHARD_HEADER_BYTES, SLOT_BYTES, VERSION,
+};
 
 /// Where a table of a given configuration lives and how big it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,12 +75,14 @@ use crate::shared::{SetError, SharedStore};
 mod bucket;
 mod layout;
 mod occupancy;
+mod slot;
 
 use crate::wire::put_u32_at;
-use bucket::{read_u32, slots_in};
-pub use bucket::{BucketMut, Generation, Probe, ShardMut, Slot, SlotState};
+pub use bucket::{BucketMut, Generation, Probe, ShardMut};
 pub use layout::{Layout, ShardKey};
 pub use occupancy::{Occupancy, OccupancyScan};
+use slot::{read_u32, slots_in};
+pub use slot::{Slot, SlotState};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

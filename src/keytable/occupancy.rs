@@ -1,6 +1,7 @@
 //! How full the table is: a background scan, one shard per step.
 
-use super::*;
+use super::KeyTable;
+use crate::shared::SharedStore;
 
 /// Live entries found by a scan.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

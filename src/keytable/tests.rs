@@ -1,4 +1,4 @@
-use super::bucket::{decode_meta, decode_slot};
+use super::slot::{decode_meta, decode_slot};
 use super::*;
 use crate::rng::splitmix64;
 use crate::shared::MemStore;

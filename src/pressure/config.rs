@@ -1,6 +1,9 @@
 //! The `memory` section: what to poll, the limits, the curve's thresholds.
 
-use super::*;
+use crate::ceiling::{MAX_BYTES_PER_REQUEST, MIN_BYTES_PER_REQUEST};
+use crate::config::check::{check_range, check_unit, field, ConfigError};
+use crate::prom::Selector;
+use serde::Deserialize;
 
 /// Most metrics endpoints one filter polls.
 pub const MAX_ENDPOINTS: usize = 256;

@@ -1,6 +1,6 @@
 //! From a memory ratio to a shed probability per criticality.
 
-use super::*;
+use super::config::MemoryConfig;
 
 /// Ratio → shed probability of sheddable traffic and severity (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq)]

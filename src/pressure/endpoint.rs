@@ -1,6 +1,9 @@
 //! One polled endpoint's state machine: samples, failures, restarts, transitions.
 
-use super::*;
+use crate::ceiling;
+use crate::ceiling::Estimator;
+use crate::prom::PromError;
+use std::fmt;
 
 /// Why a poll produced no sample.
 #[derive(Debug, Clone, PartialEq)]

@@ -100,30 +100,22 @@
 //! ceiling) and asks [`PressureTracker::next_poll_in_ms`] when to poll next: fast while
 //! memory is high, rising or the ceiling half full, ten times slower when idle.
 
-use std::fmt;
-
-use serde::Deserialize;
-
-use crate::ceiling::{
-    self, Estimator, MAX_BYTES_PER_REQUEST, MAX_CEILING, MIN_BYTES_PER_REQUEST, MIN_CEILING,
-};
-use crate::classify::Criticality;
-use crate::config::check::{check_range, check_unit, field, ConfigError};
-use crate::prom::{find_many, PromError, Selector};
-use crate::shared::{update, SharedStore, UpdateError};
-use crate::wire::f64_to_u32;
-
 mod config;
 mod curve;
 mod endpoint;
 mod snapshot;
 mod tracker;
 
-pub use config::*;
-pub use curve::*;
-pub use endpoint::*;
-pub use snapshot::*;
-pub use tracker::*;
+pub use config::{
+    MemoryConfig, MetricsEndpoint, FALL_SMOOTHING, MAX_DEMAND_GAUGES, MAX_ENDPOINTS,
+    START_TIME_GAUGE,
+};
+pub use curve::Curve;
+pub use endpoint::{
+    EndpointStats, EndpointStatus, FailureReason, Reading, SampleError, StatusKind, Transition,
+};
+pub use snapshot::{load, publish, PressureSnapshot, SnapshotError, SNAPSHOT_KEY, SNAPSHOT_LEN};
+pub use tracker::{PressureStats, PressureTracker, ShedCounters};
 
 #[cfg(test)]
 mod tests;

@@ -1,3 +1,8 @@
+use super::snapshot::{MAGIC, SUMMED, VERSION};
+
+use crate::ceiling::MIN_CEILING;
+use crate::classify::Criticality;
+
 use super::*;
 use crate::wire::fnv1a;
 use proptest::prelude::*;

@@ -1,6 +1,10 @@
 //! Every worker's side: the shared snapshot, its bytes, publishing and loading.
 
-use super::*;
+use crate::ceiling::{MAX_CEILING, MIN_CEILING};
+use crate::classify::Criticality;
+use crate::shared::{update, SharedStore, UpdateError};
+use std::fmt;
+
 use crate::wire::{f64_at, fnv1a, u16_at, u32_at, u64_at};
 
 /// Shared-data key of the published snapshot (fixed: shared-data keys never die).
@@ -316,6 +320,11 @@ impl PressureSnapshot {
         }
         Ok(self)
     }
+}
+
+/// A count for a snapshot's u16 field, saturated.
+pub(super) fn clamp_u16(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
 }
 
 /// Publishes `snap` under [`SNAPSHOT_KEY`], unless the stored one is newer (another

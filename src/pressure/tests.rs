@@ -1,5 +1,9 @@
+use crate::ceiling::{MAX_CEILING, MIN_CEILING};
+use crate::classify::Criticality;
+use crate::prom::PromError;
+
 use super::*;
-use crate::shared::MemStore;
+use crate::shared::{MemStore, SharedStore};
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -1,6 +1,17 @@
 //! The elected poller's side: polls every endpoint and builds the snapshot.
 
-use super::*;
+use super::config::{
+    MemoryConfig, FALL_SMOOTHING, IDLE_POLL_FACTOR, IDLE_POLL_MAX_MS, MAX_ENDPOINTS, RISING_SHARE,
+    START_TIME_GAUGE,
+};
+use super::curve::Curve;
+use super::endpoint::{
+    Endpoint, EndpointStats, FailureReason, Reading, SampleError, StatusKind, Transition,
+};
+use super::snapshot::{clamp_u16, PressureSnapshot, FLAG_ACTIVE, FLAG_CEILING, FLAG_FALLBACK};
+use crate::classify::Criticality;
+use crate::prom::{find_many, PromError, Selector};
+use crate::wire::f64_to_u32;
 
 /// Per-endpoint memory state on the polling worker; see the module docs.
 #[derive(Debug, Clone)]
@@ -389,10 +400,6 @@ pub(super) fn usable(result: &Result<f64, PromError>, sel: &Selector) -> Result<
         }),
         Err(e) => Err(e.clone()),
     }
-}
-
-pub(super) fn clamp_u16(n: usize) -> u16 {
-    u16::try_from(n).unwrap_or(u16::MAX)
 }
 
 /// Memory figures for metrics (see [`PressureTracker::stats`]).
