@@ -6,17 +6,23 @@
 //! With `room = min(limit, memory ceiling)`:
 //!
 //! ```text
-//! critical:   admitted while  critical < limit  and  total < ceiling
+//! critical:   admitted while  critical < critical_headroom × limit  and  total < ceiling
 //! sheddable:  admitted while  total < room      and  sheddable < sheddable_cap
 //! sheddable_cap = min(floor(sheddable_share × room), room − reserve)
 //! reserve       = ceil(RESERVE_MARGIN × recent peak of critical in flight) + RESERVE_SLACK
 //! ```
 //!
 //! Critical requests are judged against their own count, not the total: a flood of
-//! sheddable requests already in flight cannot shut them out, so a critical request
-//! is shed by the concurrency limit only when critical traffic alone fills it. The
-//! total may then pass the limit by the sheddable requests already admitted, for one
-//! round trip: no new sheddable request is admitted while the total is at the limit.
+//! sheddable requests already in flight cannot shut them out. And they get
+//! `critical_headroom` (default 2) times the limit: the limit follows latency, and
+//! latency that is not the store's (a proxy starved of CPU at a surge's onset holds
+//! every request it admitted longer) inflates the count of critical requests in
+//! flight like any other. Shedding a logged-in user's request is the failure this
+//! filter exists to prevent; a store overloaded by critical traffic alone still
+//! shows it in its latency, and the limit, and this bound with it, fall. The total
+//! may pass the limit by the critical requests beyond it and the sheddable ones
+//! admitted before, for one round trip: no new sheddable request is admitted while
+//! the total is at the limit.
 //! The memory ceiling is a hard bound on the total (memory is what kills the pod),
 //! and the reserve keeps room for critical traffic inside it.
 //!

@@ -29,6 +29,9 @@ pub struct ConcurrencyConfig {
     pub max_limit: u32,
     /// Share of the limit that sheddable requests may occupy, so critical ones always find room.
     pub sheddable_share: f64,
+    /// Critical requests are shed by the limit only once they alone hold this many
+    /// times it (see `bounds`, "Priorities").
+    pub critical_headroom: f64,
     pub adaptive: AdaptiveConfig,
 }
 
@@ -42,6 +45,7 @@ impl Default for ConcurrencyConfig {
             min_limit: 16,
             max_limit: 2048,
             sheddable_share: 0.8,
+            critical_headroom: 2.0,
             adaptive: AdaptiveConfig::default(),
         }
     }
@@ -67,6 +71,12 @@ impl ConcurrencyConfig {
             self.sheddable_share,
             0.0,
             1.0,
+        )?;
+        check_unit(
+            &field(section, "critical_headroom"),
+            self.critical_headroom,
+            1.0,
+            16.0,
         )?;
         self.adaptive.validate(&field(section, "adaptive"))
     }

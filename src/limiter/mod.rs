@@ -221,6 +221,8 @@ pub struct Limiter {
     enabled: bool,
     enforce: bool,
     share: f64,
+    /// Multiple of the limit critical requests alone may hold.
+    critical_headroom: f64,
     attempts: u32,
     id: u64,
     instance: u32,
@@ -261,6 +263,7 @@ impl Limiter {
             enabled: cfg.enabled,
             enforce: cfg.enforce,
             share: 0.0,
+            critical_headroom: 1.0,
             attempts: cas_attempts.max(1),
             id: vm_id,
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
@@ -301,6 +304,11 @@ impl Limiter {
             cfg.sheddable_share.clamp(0.0, 1.0)
         } else {
             0.0
+        };
+        self.critical_headroom = if cfg.critical_headroom.is_finite() {
+            cfg.critical_headroom.clamp(1.0, 16.0)
+        } else {
+            1.0
         };
         self.controller = Controller::new(cfg);
         self.stale_ms = MIN_STALE_MS.max(cfg.adaptive.interval_ms.saturating_mul(10));
@@ -388,7 +396,9 @@ impl Limiter {
         let ceiling = self.ceiling.unwrap_or(u32::MAX);
         let limit = if self.enabled { self.limit } else { u32::MAX };
         let fits_limit = match crit {
-            Criticality::Critical => total.critical < limit,
+            Criticality::Critical => {
+                f64::from(total.critical) < f64::from(limit) * self.critical_headroom
+            }
             Criticality::Sheddable => total.total() < limit && total.sheddable < self.sheddable_cap,
         };
         match (fits_limit, total.total() < ceiling) {

@@ -19,6 +19,8 @@ fn fixed(limit: u32, share: f64) -> ConcurrencyConfig {
         min_limit: 1,
         max_limit: limit.max(1),
         sheddable_share: share,
+        // The mechanics are tested at the limit itself; the headroom has its own test.
+        critical_headroom: 1.0,
         ..ConcurrencyConfig::default()
     }
 }
@@ -252,31 +254,36 @@ fn sheddable_share_keeps_room_for_critical() {
 
 #[test]
 fn critical_requests_are_judged_by_their_own_count() {
-    let store = MemStore::new();
-    let mut l = Limiter::new(&fixed(10, 0.6), 8, 1);
-    // Sheddable requests fill their share before any critical one arrives...
-    let mut held: Vec<_> = (0..6).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
-    // ...and cannot shut critical ones out: all 10 fit, the total passes the limit
-    // by the sheddable requests already admitted.
-    for _ in 0..10 {
-        held.push(ok(l.try_acquire(&store, C, 0)));
-    }
-    assert_eq!(global(&store), 16);
-    match l.try_acquire(&store, C, 0) {
-        Acquire::Shed { severity, bound } => {
-            assert!((0.5..=1.0).contains(&severity));
-            assert_eq!(bound, Bound::Concurrency);
+    for (headroom, fit) in [(1.0, 10u32), (2.0, 20)] {
+        let store = MemStore::new();
+        let mut cfg = fixed(10, 0.6);
+        cfg.critical_headroom = headroom;
+        let mut l = Limiter::new(&cfg, 8, 1);
+        // Sheddable requests fill their share before any critical one arrives...
+        let mut held: Vec<_> = (0..6).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
+        // ...and cannot shut critical ones out: headroom x the limit fits, the total
+        // passes the limit by those and the sheddable requests admitted before.
+        for _ in 0..fit {
+            held.push(ok(l.try_acquire(&store, C, 0)));
         }
-        other => panic!("{other:?}"),
+        assert_eq!(global(&store), 6 + fit);
+        match l.try_acquire(&store, C, 0) {
+            Acquire::Shed { severity, bound } => {
+                assert!((0.5..=1.0).contains(&severity));
+                assert_eq!(bound, Bound::Concurrency);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(l.try_acquire(&store, S, 0), Acquire::Shed { .. }));
+        let s = l.stats();
+        assert_eq!((s.in_flight_critical, s.in_flight_sheddable), (fit, 6));
+        assert_eq!((s.shed_critical, s.shed_sheddable), (1, 1));
+        for p in held {
+            l.release(&store, p, done(1.0), 0);
+        }
+        l.tick(&store, 1, true);
+        assert_eq!(global(&store), 0);
     }
-    assert!(matches!(l.try_acquire(&store, S, 0), Acquire::Shed { .. }));
-    let s = l.stats();
-    assert_eq!((s.in_flight_critical, s.in_flight_sheddable), (10, 6));
-    assert_eq!((s.shed_critical, s.shed_sheddable), (1, 1));
-    for p in held {
-        l.release(&store, p, done(1.0), 0);
-    }
-    assert_eq!(global(&store), 0);
 }
 
 #[test]
