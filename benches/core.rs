@@ -18,7 +18,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use sessionguard::classify::{classify, Criticality};
 use sessionguard::config::Config;
 use sessionguard::gradient::Lane;
-use sessionguard::guard::{negative_cache, Flight, KeyRequest, Outstanding, Verdict, Vm};
+use sessionguard::guard::{negative_cache, KeyRequest, Verdict, Vm};
 use sessionguard::limiter::{Acquire, LimitMode, Limiter};
 use sessionguard::negcache::Mark;
 use sessionguard::outcome::{Completion, Ending};
@@ -426,11 +426,7 @@ impl Core {
             Verdict::Forward(fwd) => fwd,
         };
         // Response headers.
-        let outstanding = Outstanding {
-            write: fwd.write,
-            lookup: fwd.lookup,
-            leader: fwd.flight == Flight::Leader,
-        };
+        let (permit, outstanding) = fwd.into_parts();
         let status = Some(upstream_status);
         let wake = self
             .vm
@@ -440,7 +436,7 @@ impl Core {
         // on_log.
         let ending = Ending::Response(upstream_status);
         self.vm.admission.record(ending);
-        if let Some(permit) = fwd.permit {
+        if let Some(permit) = permit {
             let done = Completion {
                 rtt_ms: Some(0.3),
                 ending,

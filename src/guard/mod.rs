@@ -95,6 +95,18 @@ pub struct Forward {
     pub flight: Flight,
 }
 
+impl Forward {
+    /// The permit to release at the end, and what to settle when the store answers.
+    pub fn into_parts(self) -> (Option<Permit>, Outstanding) {
+        let outstanding = Outstanding {
+            write: self.write,
+            lookup: self.lookup,
+            leader: self.flight == Flight::Leader,
+        };
+        (self.permit, outstanding)
+    }
+}
+
 /// What a forwarded request leaves to settle when the store answers.
 #[derive(Debug)]
 pub struct Outstanding {

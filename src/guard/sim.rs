@@ -223,17 +223,14 @@ pub fn run(config: &Config, vms: usize, phases: &[Phase], seed: u64) -> Outcome 
                         if surge && start >= measured_from && start < end {
                             busy_us += service;
                         }
+                        let (permit, outstanding) = fwd.into_parts();
                         in_store.push(Reverse(InStore {
                             finish_us: start + service,
                             vm: w,
                             kind,
                             req,
-                            outstanding: Outstanding {
-                                write: fwd.write,
-                                lookup: fwd.lookup,
-                                leader: fwd.flight == Flight::Leader,
-                            },
-                            permit: fwd.permit,
+                            outstanding,
+                            permit,
                             admitted_us: now,
                         }));
                         out.peak_in_store = out.peak_in_store.max(in_store.len());

@@ -22,15 +22,11 @@ fn read(vm: &mut Vm, key: &str, id: u32) -> KeyRequest {
 
 /// A forwarded request's answer, settled and released as the host does it.
 fn answer(vm: &mut Vm, store: &MemStore, req: KeyRequest, fwd: Forward, status: u32) {
-    let outstanding = Outstanding {
-        write: fwd.write,
-        lookup: fwd.lookup,
-        leader: fwd.flight == Flight::Leader,
-    };
+    let (permit, outstanding) = fwd.into_parts();
     let _ = vm
         .guard()
         .settle(store, req, outstanding, Some(status), || true, NOW);
-    if let Some(permit) = fwd.permit {
+    if let Some(permit) = permit {
         let done = Completion {
             rtt_ms: Some(1.0),
             ending: Ending::Response(status),
