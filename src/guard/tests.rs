@@ -47,6 +47,7 @@ fn forwarded(v: Verdict) -> Forward {
 fn a_known_missing_key_is_answered_and_a_known_session_is_critical() {
     let store = MemStore::new();
     let mut vm = vm(Config::default());
+    vm.cache.table_mut().create_all(&store).unwrap();
     let missing = read(&mut vm, "reader", 1);
     let fwd = forwarded(vm.guard().decide(&store, missing, NOW));
     assert_eq!(
@@ -99,6 +100,7 @@ fn shadow_mode_is_the_same_for_every_mechanism() {
     config.concurrency.enforce = false;
     config.negative_cache.enforce = false;
     let mut vm = vm(config);
+    vm.cache.table_mut().create_all(&store).unwrap();
     let missing = read(&mut vm, "reader", 1);
     let first = forwarded(vm.guard().decide(&store, missing, NOW));
     answer(&mut vm, &store, missing, first, 404);

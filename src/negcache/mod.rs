@@ -42,10 +42,12 @@
 //!   shard that does not decode is replaced through a CAS on its token, so no write is
 //!   ever lost to the host's "any CAS on an absent key" rule.
 //!
-//! A GET that read a shard that was absent or garbage holds `Generation(None)` and may
-//! insert only if the shard is *still* absent or garbage, i.e. none of our writes reached
-//! it since (a foreign writer that corrupts our keys again right after a write could
-//! defeat this, as it could defeat any scheme).
+//! A shard that is absent or garbage has no generation to compare with, so no 404 is
+//! cached into it: the fill lays down a fresh shard (random generations, no Missing
+//! entry) and is refused, and the key's next 404 can be cached. Comparing "absent or
+//! garbage then" with "absent or garbage now" is not enough: a foreign writer that
+//! corrupts or empties a shard right after our write would let a GET from before that
+//! write cache its 404 (the race simulation found this sequence).
 //! A single-flight waiter answered with its leader's 404 is covered too, if the host
 //! answers waiters only when the leader's `insert_missing` returned [`Fill::Inserted`]:
 //! the waiter joined before that insert, and the insert proves no write ended since the
@@ -402,7 +404,9 @@ impl NegCache {
                 let mut b = view.bucket(bucket);
                 let current = match origin {
                     Origin::Valid => Generation(Some(b.generation())),
-                    Origin::Absent | Origin::Garbage => Generation(None),
+                    // No history to compare with (module docs): lay down the fresh
+                    // shard, so that the key's next 404 can be cached, but not this one.
+                    Origin::Absent | Origin::Garbage => return (true, Fill::Stale),
                 };
                 if !still_current(current) {
                     return (false, Fill::Stale);
@@ -413,8 +417,12 @@ impl NegCache {
                 (true, Fill::Inserted)
             });
         match commit {
-            Commit::Written(fill) => {
+            Commit::Written(Fill::Inserted) => {
                 self.stats.inserts += 1;
+                Fill::Inserted
+            }
+            Commit::Written(fill) => {
+                self.stats.stale_fills += 1;
                 fill
             }
             Commit::Declined(Fill::Protected) => {

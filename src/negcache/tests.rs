@@ -26,6 +26,7 @@ fn get_start(c: &mut NegCache, s: &MemStore, fp: u64, now: u64) -> Lookup {
 #[test]
 fn a_404_is_cached_until_its_ttl() {
     let (mut c, s) = (cache(64, 16, 4, 1), MemStore::new());
+    c.table_mut().create_all(&s).unwrap();
     let fp = c.fingerprint(b"enwiki:MWSession:x");
     let l = get_start(&mut c, &s, fp, 0);
     assert_eq!(l.mark, Mark::Unknown);
@@ -35,7 +36,7 @@ fn a_404_is_cached_until_its_ttl() {
     assert_eq!(c.lookup(&s, fp, 5 + TTL).mark, Mark::Unknown);
     let st = c.stats();
     assert_eq!((st.lookups, st.hits, st.misses, st.inserts), (3, 1, 2, 1));
-    assert_eq!(st.table.created, 1);
+    assert_eq!(st.table.created, 4, "create_all made every shard");
 }
 
 #[test]
@@ -159,6 +160,7 @@ fn a_reused_read_cannot_fill_the_cache_after_a_write_to_its_bucket() {
 fn missing_and_unknown_reads_are_never_reused() {
     let s = MemStore::new();
     let mut c = cache(64, 16, 4, 1).with_local_reuse(REUSE);
+    c.table_mut().create_all(&s).unwrap();
     let fp = c.fingerprint(b"gone");
     let seen = c.lookup(&s, fp, 0);
     assert_eq!(seen.mark, Mark::Unknown);
@@ -377,15 +379,37 @@ fn absent_shard_fill_loses_to_a_write_that_created_it() {
     assert_eq!(get.generation.get(), None);
     c.begin_write(&s, fp, 1);
     assert_eq!(c.insert_missing(&s, fp, get.generation, 2), Fill::Stale);
-    // Without the write, the fill creates the shard.
+    // Without the write, the fill creates the shard but caches nothing (it has no
+    // generation to compare with); the key's next 404 is cached.
     let fp2 = (0..)
         .map(|i| c.fingerprint(format!("x{i}").as_bytes()))
         .find(|&f| c.table().layout().locate(f).0 != c.table().layout().locate(fp).0)
         .unwrap();
     let get = c.lookup(&s, fp2, 3);
     assert_eq!(get.generation.get(), None);
-    assert_eq!(c.insert_missing(&s, fp2, get.generation, 3), Fill::Inserted);
-    assert_eq!(c.lookup(&s, fp2, 4).mark, Mark::Missing);
+    assert_eq!(c.insert_missing(&s, fp2, get.generation, 3), Fill::Stale);
+    let get = c.lookup(&s, fp2, 4);
+    assert_eq!(get.mark, Mark::Unknown);
+    assert!(get.generation.get().is_some(), "the fill created the shard");
+    assert_eq!(c.insert_missing(&s, fp2, get.generation, 4), Fill::Inserted);
+    assert_eq!(c.lookup(&s, fp2, 5).mark, Mark::Missing);
+}
+
+/// The sequence the race simulation found: a GET reads a garbage shard, a write ends
+/// (and rebuilds the shard), a foreign writer corrupts it again, then the GET's 404
+/// arrives. Garbage then and garbage now must not let that 404 be cached.
+#[test]
+fn garbage_before_and_after_a_write_does_not_cache_the_404_of_a_get_from_before_it() {
+    let (mut c, s) = (cache(4, 4, 4, 1), MemStore::new());
+    let key = c.table().layout().shard_key(0);
+    let fp = c.fingerprint(b"k");
+    s.set(&key, b"junk", None).unwrap();
+    let get = c.lookup(&s, fp, 0);
+    c.begin_write(&s, fp, 1);
+    c.end_write(&s, fp, true, 2);
+    s.set(&key, b"more junk", None).unwrap();
+    assert_eq!(c.insert_missing(&s, fp, get.generation, 3), Fill::Stale);
+    assert_ne!(c.lookup(&s, fp, 4).mark, Mark::Missing);
 }
 
 #[test]
@@ -396,8 +420,10 @@ fn garbage_shard_is_a_miss_and_is_rebuilt() {
     s.set(&key, b"\x01\x02garbage", None).unwrap();
     let get = c.lookup(&s, fp, 0);
     assert_eq!((get.mark, get.generation.get()), (Mark::Unknown, None));
-    assert_eq!(c.insert_missing(&s, fp, get.generation, 1), Fill::Inserted);
+    assert_eq!(c.insert_missing(&s, fp, get.generation, 1), Fill::Stale);
     assert_eq!(c.stats().table.rebuilt, 1);
+    let get = c.lookup(&s, fp, 1);
+    assert_eq!(c.insert_missing(&s, fp, get.generation, 1), Fill::Inserted);
     // Garbage again; a write rebuilds it first; the GET that saw garbage is refused.
     s.set(&key, &[0xff; 1096], None).unwrap();
     let get = c.lookup(&s, fp, 2);
@@ -408,6 +434,7 @@ fn garbage_shard_is_a_miss_and_is_rebuilt() {
 #[test]
 fn contended_fill_gives_up_and_contended_invalidation_falls_back_safely() {
     let (mut c, s) = (cache(4, 4, 3, 1), Hooked::default());
+    c.table_mut().create_all(&s).unwrap();
     let (a, b, d) = (
         c.fingerprint(b"a"),
         c.fingerprint(b"b"),
@@ -494,6 +521,7 @@ fn a_blind_fallback_never_resurrects_a_cleared_404() {
     let (mut x, mut y) = (cache(4, 4, 2, 1), cache(4, 4, 2, 2));
     let (a, b) = (x.fingerprint(b"a"), x.fingerprint(b"b"));
     let store = Hooked::default();
+    x.table_mut().create_all(&store).unwrap();
     let l = x.lookup(&store, a, 0);
     assert_eq!(x.insert_missing(&store, a, l.generation, 0), Fill::Inserted);
     let y_get = y.lookup(&store, b, 0); // a GET of b in flight on Y
