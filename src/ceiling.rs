@@ -26,8 +26,10 @@
 //!
 //! From the polls' pairs over a window of [`WINDOW`] polls, by least squares (the
 //! slope of memory against in-flight), but only when the window's in-flight values
-//! spread over at least [`MIN_SPREAD`] requests: at a steady load the in-flight count
-//! hardly moves and the slope is noise. Until then, and whenever the window says
+//! spread over at least [`MIN_SPREAD`] requests and explain most of memory's variance
+//! ([`MIN_FIT`]): at a steady load the in-flight count hardly moves, and a heap that
+//! grows and is collected whatever the load moves memory more than a few dozen
+//! requests do; in both cases the slope is noise. Until then, and whenever the window says
 //! nothing, the estimate stays where it was, starting at a conservative prior
 //! ([`PRIOR_BYTES_PER_REQUEST`], about twice Kask's measured ~36 KB). The estimate
 //! rises at once to a larger slope (memory costs more than thought: act now) and
@@ -79,8 +81,15 @@ pub const MAX_CEILING: u32 = 1 << 24;
 pub const WINDOW: usize = 32;
 /// The window's in-flight values must span at least this many requests to learn.
 pub const MIN_SPREAD: f64 = 16.0;
-/// Polls needed in the window to learn.
-const MIN_POINTS: usize = 4;
+/// The window teaches something only when the in-flight count explains at least this
+/// share of memory's variance (r²). A Go heap moves by megabytes between collections
+/// whatever the load; with in-flight values spread over a few dozen requests, that
+/// noise alone makes slopes of 100 KB+ per request, and a noise slope adopted at once
+/// (a larger estimate is) shrinks the ceiling below what the store needs to stay busy.
+pub const MIN_FIT: f64 = 0.5;
+/// Polls needed in the window to learn: with fewer, a fit of [`MIN_FIT`] happens by
+/// chance too often (at 16 points, about once in a thousand windows of unrelated data).
+const MIN_POINTS: usize = 16;
 /// Share of the way a smaller estimate moves it per poll (polls come every 100 ms
 /// while memory moves: from 64 KiB towards 32 KiB takes ~1.4 s to go half-way).
 const FALL_WEIGHT: f64 = 0.05;
@@ -204,12 +213,13 @@ impl Estimator {
         let n = pts.len() as f64;
         let mean_x = pts.iter().map(|p| p.in_flight).sum::<f64>() / n;
         let mean_y = pts.iter().map(|p| p.memory).sum::<f64>() / n;
-        let (sxx, sxy) = pts.iter().fold((0.0, 0.0), |(sxx, sxy), p| {
-            let dx = p.in_flight - mean_x;
-            (sxx + dx * dx, sxy + dx * (p.memory - mean_y))
+        let (sxx, sxy, syy) = pts.iter().fold((0.0, 0.0, 0.0), |(sxx, sxy, syy), p| {
+            let (dx, dy) = (p.in_flight - mean_x, p.memory - mean_y);
+            (sxx + dx * dx, sxy + dx * dy, syy + dy * dy)
         });
         let slope = sxy / sxx;
-        (slope.is_finite() && slope > 0.0).then_some(slope)
+        let fit = sxy * sxy / (sxx * syy);
+        (slope.is_finite() && slope > 0.0 && fit >= MIN_FIT).then_some(slope)
     }
 
     /// Moves the estimate towards the window's slope: at once if it is larger, by
@@ -407,6 +417,22 @@ mod tests {
     }
 
     #[test]
+    fn a_heap_that_moves_whatever_the_load_teaches_nothing() {
+        // The 3x replay's failure: a Go heap growing and collected by megabytes while
+        // the in-flight count wanders over a few dozen requests. Windows of that fit
+        // slopes of hundreds of KB; adopted at once, they cut the ceiling to a few
+        // dozen requests and the store went idle. The count explains none of it.
+        let mut e = Estimator::new(None);
+        let mut rng = crate::rng::Rng::new(7);
+        for i in 0..400u32 {
+            let n = rng.below(41) as u32;
+            let heap = f64::from(i % 13) * 600.0 * KI;
+            e.observe(n, store(20.0 * MI, 36.0 * KI, n, heap), None);
+            assert_eq!(e.per_request(), PRIOR, "poll {i}");
+        }
+    }
+
+    #[test]
     fn requests_the_store_has_not_taken_in_do_not_raise_the_ceiling() {
         let line = 0.78 * 64.0 * MI;
         let b = 36.0 * KI;
@@ -429,9 +455,11 @@ mod tests {
 
     #[test]
     fn a_larger_cost_is_adopted_at_once() {
+        // A surge rising by 50 requests per poll (500/s at fast polls): adopted as soon
+        // as the window holds enough polls to be trusted.
         let mut e = Estimator::new(None);
-        for i in 0..8 {
-            let n = 100 * i;
+        for i in 0..16 {
+            let n = 50 * i;
             e.observe(n, store(5.0 * MI, 200.0 * KI, n, 0.0), None);
         }
         assert!(
