@@ -500,8 +500,9 @@ def run_setup(setup: str, name: str, phases: list[dict], keys: dict, out: Path, 
     t0 = series["t0_unix_ms"] / 1000.0
     result["filter_timeline"] = [
         {"t": round(f["t"] - t0, 1), **{k: f.get(k) for k in (
-            "limit", "in_flight", "min_rtt_us", "sample_rtt_us", "memory.ratio_permille",
-            "admission.rejection_permille", "negcache.hits")},
+            "limit", "in_flight", "critical_reserve", "min_rtt_us", "sample_rtt_us",
+            "memory.ratio_permille", "memory.ceiling", "admission.rejection_permille",
+            "negcache.hits")},
          "shed_critical": sum(v for k, v in f.items()
                               if k.startswith("shed.") and k.endswith(".critical")),
          "shed_sheddable": sum(v for k, v in f.items()

@@ -29,7 +29,7 @@
 //! The reserve follows the critical concurrency seen across all VMs (every read of
 //! the table shows it): it rises at once when critical traffic passes it, and decays
 //! by [`RESERVE_DECAY`] per tick, so a step of critical demand takes room from
-//! sheddable traffic within one request, and gives it back over seconds. Static
+//! sheddable traffic within one request, and gives it back within a second. Static
 //! shares cannot do this: with a sheddable share of 0.8 and a surge whose critical
 //! part needs more than 20% of the limit, an endless supply of sheddable requests
 //! holds 80% of the slots and critical requests are shed as often as sheddable ones.
@@ -44,8 +44,13 @@ use crate::wire::f64_to_u32;
 pub const RESERVE_MARGIN: f64 = 1.25;
 pub const RESERVE_SLACK: u32 = 2;
 /// Per tick, the remembered peak of critical in flight decays by this factor
-/// (half-life ~2.3 s at 100 ms ticks) unless the last tick's window saw more.
-pub const RESERVE_DECAY: f64 = 0.97;
+/// (half-life ~0.4 s at 100 ms ticks) unless the last tick's window saw more. The
+/// peak is taken in a latency spike (a proxy stall holds every critical request
+/// longer); with a half-life of seconds (0.97), a 3x replay held reserves near the
+/// shrunken limit for seconds after the spike and the store went idle behind it. A
+/// critical burst after the reserve has decayed is still admitted by its own count
+/// (`critical_headroom`).
+pub const RESERVE_DECAY: f64 = 0.85;
 
 impl Limiter {
     pub(super) fn set_limit(&mut self, limit: u32) {

@@ -309,7 +309,7 @@ fn the_reserve_follows_critical_demand_and_decays() {
     }
     assert_eq!(shed.len() as u32, 100 - reserve);
     assert!(l.stats().in_flight <= 100);
-    // Critical demand goes away: the room comes back over seconds, not at once.
+    // Critical demand goes away: the room comes back within a second, not at once.
     for p in crit.into_iter().chain(shed) {
         l.release(&store, p, done(1.0), 1);
     }
@@ -325,8 +325,9 @@ fn the_reserve_follows_critical_demand_and_decays() {
         assert!(t < 60_000, "the reserve never decayed");
     }
     assert!(
-        t >= 2_000,
-        "decayed within {t} ms: too fast to ride out a lull"
+        (300..=1_500).contains(&t),
+        "decayed in {t} ms: a lull of a few ticks must not hand the room over, a store \
+         idle behind a stale reserve must get it back within a second"
     );
     assert!(l.stats().critical_reserve <= 20);
 }
