@@ -42,10 +42,12 @@ const SHARD_SLOTS: u32 = 64;
 const WAYS: u64 = 4;
 const TTL_MS: u64 = 1 << 40; // nothing expires during these tests
 
-fn cache(seed: u64) -> (NegCache, Layout) {
+/// A cache over `store` with every shard created, as the host does at start.
+fn cache(seed: u64, store: &MemStore) -> (NegCache, Layout) {
     let layout = Layout::new(CAPACITY, SHARD_SLOTS);
     let table = KeyTable::with_layout(layout, 7);
-    let c = NegCache::with_table(table, Fingerprinter::new(seed), TTL_MS, TTL_MS, 4);
+    let mut c = NegCache::with_table(table, Fingerprinter::new(seed), TTL_MS, TTL_MS, 4);
+    c.table_mut().create_all(store).unwrap();
     (c, layout)
 }
 
@@ -76,8 +78,8 @@ fn bucket_of(layout: &Layout, fp: u64) -> u64 {
 
 #[test]
 fn flood_evicts_the_hot_set_as_the_bound_predicts() {
-    let (mut c, layout) = cache(0x5eed);
     let store = MemStore::new();
+    let (mut c, layout) = cache(0x5eed, &store);
     let b = u64::from(layout.shards) * u64::from(layout.buckets);
     assert_eq!((b, u64::from(layout.ways)), (1024, WAYS));
     // 1024 hot keys (a quarter of the table), inserted first, in order.
@@ -136,8 +138,8 @@ fn flood_costs_at_most_the_stated_re_misses() {
     // inserts evict one hot key, whose re-insert evicts the next, h re-misses in all.
     // So a flood key landing in bucket b costs h_b / (ways - h_b) store requests, and
     // the flood as a whole (1/B of it per bucket) sum_b h_b / (ways - h_b) / B per key.
-    let (mut c, layout) = cache(0xabcdef);
     let store = MemStore::new();
+    let (mut c, layout) = cache(0xabcdef, &store);
     let b = u64::from(layout.shards) * u64::from(layout.buckets);
     // A hot set that fits: 512 keys (1/8 of the slots), at most 3 per bucket.
     let mut per_bucket: HashMap<u64, u64> = HashMap::new();
@@ -238,8 +240,8 @@ fn keys_crafted_to_collide_under_one_seed_spread_under_another() {
     // bucket; under seed A all 300 were in one bucket.
     assert!(max <= 4, "max bucket load {max} under the real seed");
     // And under the real seed, the table's own replacement keeps them to `ways` each.
-    let (mut c, _) = cache(0xb0b);
     let store = MemStore::new();
+    let (mut c, _) = cache(0xb0b, &store);
     for k in &crafted {
         let fp = c.fingerprint(k);
         insert(&mut c, &store, fp);
