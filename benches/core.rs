@@ -363,7 +363,7 @@ fn bench_prom(c: &mut Criterion) {
     // What one memory poll does with the body: three gauges in one pass, then the curve.
     g.bench_function("pressure_tracker_on_sample", |b| {
         let mut mem = config().memory;
-        mem.enabled = true;
+        mem.enabled = Some(true);
         mem.memory_limit_bytes = 400 << 20;
         let mut tracker = PressureTracker::new(&mem);
         let mut now = NOW_MS;

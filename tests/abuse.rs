@@ -47,7 +47,7 @@ fn cache(seed: u64, store: &MemStore) -> (NegCache, Layout) {
     let layout = Layout::new(CAPACITY, SHARD_SLOTS);
     let table = KeyTable::with_layout(layout, 7);
     let mut c = NegCache::with_table(table, Fingerprinter::new(seed), TTL_MS, TTL_MS, 4);
-    c.table_mut().create_all(store).unwrap();
+    assert!(c.table_mut().create_all(store).is_ok());
     (c, layout)
 }
 

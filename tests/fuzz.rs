@@ -1094,7 +1094,7 @@ fn snapshot_bytes(g: &mut Gen) -> Vec<u8> {
 fn memory_config(g: &mut Gen) -> MemoryConfig {
     let endpoints = g.range(1, 3) as usize;
     let mut cfg = MemoryConfig {
-        enabled: true,
+        enabled: Some(true),
         memory_limit_bytes: g.range(1 << 20, 1 << 34),
         endpoints: vec![MetricsEndpoint::default(); endpoints],
         max_sample_age_ms: g.range(1000, 10_000),

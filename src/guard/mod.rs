@@ -277,7 +277,7 @@ impl Guard<'_> {
         now_ms: u64,
     ) -> Result<Option<Permit>, (ShedReason, f64)> {
         let memory = &self.config.memory;
-        if memory.enabled {
+        if memory.is_on() {
             let u = self.rng.next_f64();
             if let Some(severity) = self.pressure.and_then(|p| p.decide(crit, u)) {
                 self.enforce(ShedReason::Memory, memory.enforce, severity)?;

@@ -174,7 +174,7 @@ impl RootContext for Root {
         };
         self.tracker = config
             .memory
-            .enabled
+            .is_on()
             .then(|| PressureTracker::new(&config.memory));
         match &self.worker {
             Some(worker) => worker.borrow_mut().reconfigure(config),
@@ -213,7 +213,7 @@ impl RootContext for Root {
         let expired = w.vm.flights.expire(now_ms);
         wake(&mut w, &expired, false, self.id);
 
-        if w.vm.config.memory.enabled {
+        if w.vm.config.memory.is_on() {
             if leader {
                 self.poll_memory(&w, now_ms);
                 self.publish_pressure(&mut w, now_ms);

@@ -153,7 +153,7 @@ impl Worker {
     pub fn adopt_pressure(&mut self, loaded: Option<PressureSnapshot>) {
         let memory = &self.vm.config.memory;
         self.vm.pressure = loaded;
-        if !memory.enabled {
+        if !memory.is_on() {
             self.memory_ceiling = None;
             self.vm.limiter.set_memory_ceiling(None);
             return;

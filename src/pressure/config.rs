@@ -71,8 +71,9 @@ impl MetricsEndpoint {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
-    /// Off by default: it needs `memory_limit_bytes`, which only the operator knows.
-    pub enabled: bool,
+    /// On when `memory_limit_bytes` is set, unless set to false: the limit is the one
+    /// figure only the operator knows, and setting it says what is wanted.
+    pub enabled: Option<bool>,
     pub enforce: bool,
     /// The pod's memory limit (e.g. 419430400 for 400Mi).
     pub memory_limit_bytes: u64,
@@ -104,7 +105,7 @@ pub struct MemoryConfig {
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: None,
             enforce: true,
             memory_limit_bytes: 0,
             endpoints: vec![MetricsEndpoint::default()],
@@ -129,8 +130,13 @@ impl Default for MemoryConfig {
 }
 
 impl MemoryConfig {
+    /// Whether memory shedding runs: as `enabled` says, else when a limit is set.
+    pub fn is_on(&self) -> bool {
+        self.enabled.unwrap_or(self.memory_limit_bytes != 0)
+    }
+
     pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
-        if self.enabled && self.memory_limit_bytes == 0 {
+        if self.enabled == Some(true) && self.memory_limit_bytes == 0 {
             return Err(ConfigError::new(
                 field(section, "memory_limit_bytes"),
                 "must be set (the store pod's memory limit in bytes) when memory shedding is enabled",
@@ -145,7 +151,7 @@ impl MemoryConfig {
                 ),
             ));
         }
-        if self.enabled && self.endpoints.is_empty() {
+        if self.is_on() && self.endpoints.is_empty() {
             return Err(ConfigError::new(
                 field(section, "endpoints"),
                 "must list at least one metrics endpoint when memory shedding is enabled",

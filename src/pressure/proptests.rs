@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 fn cfg() -> MemoryConfig {
     MemoryConfig {
-        enabled: true,
+        enabled: Some(true),
         memory_limit_bytes: 400 << 20,
         endpoints: vec![MetricsEndpoint::default(); 2],
         ..MemoryConfig::default()

@@ -16,7 +16,7 @@ const C: Criticality = Criticality::Critical;
 /// The curve's tests pin the thresholds they were written for.
 fn cfg() -> MemoryConfig {
     MemoryConfig {
-        enabled: true,
+        enabled: Some(true),
         memory_limit_bytes: LIMIT,
         soft: 0.70,
         hard: 0.85,
@@ -503,7 +503,7 @@ fn the_ceiling_follows_a_surge_between_polls() {
     let mi = 1024.0 * 1024.0;
     let limit = 64.0 * mi;
     let mut t = PressureTracker::new(&MemoryConfig {
-        enabled: true,
+        enabled: Some(true),
         memory_limit_bytes: 64 << 20,
         ..MemoryConfig::default()
     });
@@ -758,4 +758,25 @@ fn shed_counters() {
     assert_eq!(c.sheddable, 100);
     assert_eq!(c.critical, 0); // the curve never sheds critical traffic
     assert_eq!(c.total(), 100);
+}
+
+#[test]
+fn a_limit_alone_turns_memory_shedding_on() {
+    let with_limit = MemoryConfig {
+        memory_limit_bytes: 64 << 20,
+        ..MemoryConfig::default()
+    };
+    assert!(with_limit.is_on());
+    assert!(with_limit.validate("memory").is_ok());
+    assert!(!MemoryConfig::default().is_on());
+    let off = MemoryConfig {
+        enabled: Some(false),
+        ..with_limit.clone()
+    };
+    assert!(!off.is_on());
+    let no_limit = MemoryConfig {
+        enabled: Some(true),
+        ..MemoryConfig::default()
+    };
+    assert!(no_limit.validate("memory").is_err());
 }
