@@ -149,8 +149,7 @@ impl Estimator {
             return false;
         }
         let start_time = start_time.filter(|s| s.is_finite());
-        let restarted = matches!((self.start_time, start_time),
-            (Some(old), Some(new)) if (new - old).abs() > RESTART_EPSILON_S);
+        let restarted = self.restarted_by(start_time);
         if restarted {
             self.len = 0;
             self.next = 0;
@@ -182,6 +181,13 @@ impl Estimator {
             .map(|p| (p.memory - b * p.in_flight).max(0.0))
             .reduce(f64::min);
         restarted
+    }
+
+    /// Whether a sample with this start time comes from a restarted store.
+    pub fn restarted_by(&self, start_time: Option<f64>) -> bool {
+        let start_time = start_time.filter(|s| s.is_finite());
+        matches!((self.start_time, start_time),
+            (Some(old), Some(new)) if (new - old).abs() > RESTART_EPSILON_S)
     }
 
     fn window(&self) -> &[Point] {
