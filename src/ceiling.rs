@@ -35,6 +35,10 @@
 //! window does not open the gates. It never goes below [`MIN_BYTES_PER_REQUEST`]. An
 //! operator who knows the figure can fix it (`memory.bytes_per_request`).
 //!
+//! With several replicas that show their own count of requests, the in-flight values
+//! are that count instead of the filter's, and the ceiling is in the replica's own
+//! requests; `pressure/replica.rs` turns it into a bound on the filter's count.
+//!
 //! Least squares underestimates a slope when the in-flight values themselves are
 //! noisy (the count read at the poll is not exactly the count the store had when it
 //! measured its memory); the host reads the in-flight count when the poll is sent
