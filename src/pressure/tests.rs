@@ -795,12 +795,12 @@ fn replicas_ceiling(t: &mut PressureTracker, held: &[u32], global: u32, rounds: 
 }
 
 /// Today's ceiling for the same polls: the replicas' counts unknown.
-fn ceiling_without_counts(n: usize, held: &[u32], global: u32) -> u32 {
-    let mut t = PressureTracker::new(&cfg_endpoints(n));
+fn ceiling_without_counts(held: &[u32], global: u32) -> u32 {
+    let mut t = PressureTracker::new(&cfg_endpoints(held.len()));
     let demand = |k: u32| 0.3 + f64::from(k) * PRIOR / LIMIT as f64;
-    for i in 0..n {
+    for (i, &n) in held.iter().enumerate() {
         t.on_sample(i, &replica_body(0.3, None), 0, 0).unwrap();
-        t.on_sample(i, &replica_body(demand(held[i]), None), global, 100)
+        t.on_sample(i, &replica_body(demand(n), None), global, 100)
             .unwrap();
     }
     t.snapshot(100).max_in_flight().unwrap()
@@ -808,7 +808,7 @@ fn ceiling_without_counts(n: usize, held: &[u32], global: u32) -> u32 {
 
 #[test]
 fn replicas_with_even_shares_hold_each_its_own_headroom() {
-    let one = ceiling_without_counts(3, &[100, 100, 100], 300);
+    let one = ceiling_without_counts(&[100, 100, 100], 300);
     // One replica's headroom above its base, at the prior cost: today's ceiling.
     assert!(expected(0, 0.3, 0.95, PRIOR).contains(&one), "{one}");
     for n in [2u32, 3] {
@@ -826,7 +826,7 @@ fn replicas_with_even_shares_hold_each_its_own_headroom() {
 #[test]
 fn a_replica_that_gets_every_key_gives_todays_ceiling() {
     let held = [300, 0, 0];
-    let today = ceiling_without_counts(3, &held, 300);
+    let today = ceiling_without_counts(&held, 300);
     let mut t = PressureTracker::new(&cfg_endpoints(3));
     let c = replicas_ceiling(&mut t, &held, 300, 60);
     assert!(c.abs_diff(today) <= 2, "{c} vs {today}");
