@@ -771,24 +771,26 @@ fn replica_body(demand: f64, goroutines: Option<&str>) -> Vec<u8> {
 
 const REST_GOROUTINES: u32 = 12;
 
-/// Polls every replica `rounds` times with `global` requests in flight, replica `i`
-/// holding `held[i]` of them (its memory `0.3 x limit` plus that many at the prior
-/// cost), after one quiet round; returns the published ceiling.
+/// One poll of replica `i` holding `held` of `global` requests in flight: its memory
+/// `0.3 x limit` plus that many at the prior cost, its goroutines its rest plus `held`.
+fn poll_replica(t: &mut PressureTracker, i: usize, held: u32, global: u32, now: u64) -> Reading {
+    let demand = 0.3 + f64::from(held) * PRIOR / LIMIT as f64;
+    let g = (REST_GOROUTINES + held).to_string();
+    t.on_sample(i, &replica_body(demand, Some(&g)), global, now)
+        .unwrap()
+}
+
+/// Polls every replica once at rest, then `rounds` times with `global` requests in
+/// flight, replica `i` holding `held[i]` of them; returns the published ceiling.
 fn replicas_ceiling(t: &mut PressureTracker, held: &[u32], global: u32, rounds: u64) -> u32 {
-    let base = 0.3;
-    let demand = |n: u32| base + f64::from(n) * PRIOR / LIMIT as f64;
     let mut now = 0;
     for (i, _) in held.iter().enumerate() {
-        let g = REST_GOROUTINES.to_string();
-        t.on_sample(i, &replica_body(base, Some(&g)), 0, now)
-            .unwrap();
+        poll_replica(t, i, 0, 0, now);
     }
     for _ in 0..rounds {
         now += 100;
         for (i, &n) in held.iter().enumerate() {
-            let g = (REST_GOROUTINES + n).to_string();
-            t.on_sample(i, &replica_body(demand(n), Some(&g)), global, now)
-                .unwrap();
+            poll_replica(t, i, n, global, now);
         }
     }
     t.snapshot(now).max_in_flight().unwrap()
@@ -854,15 +856,7 @@ fn a_share_that_rises_lowers_the_ceiling_at_once() {
     let mut t = PressureTracker::new(&cfg_endpoints(3));
     let even = replicas_ceiling(&mut t, &[100, 100, 100], 300, 60);
     // Replica 0 now gets most keys: the next poll of it takes the new share whole.
-    let d = 0.3 + 250.0 * PRIOR / LIMIT as f64;
-    let r = t
-        .on_sample(
-            0,
-            &replica_body(d, Some(&(REST_GOROUTINES + 250).to_string())),
-            300,
-            10_000,
-        )
-        .unwrap();
+    let r = poll_replica(&mut t, 0, 250, 300, 10_000);
     assert!((r.share - 250.0 / 300.0).abs() < 0.01, "{}", r.share);
     let c = t.snapshot(10_000).max_in_flight().unwrap();
     assert!(c < even / 2, "{c} vs {even}");
@@ -912,14 +906,7 @@ fn a_replica_that_stops_showing_its_count_starts_over_conservatively() {
     let c = t.snapshot(10_000).max_in_flight().unwrap();
     assert!(c < even / 2, "{c} vs {even}");
     // Its requests are now unaccounted: the others' shares rise at their next poll.
-    let r = t
-        .on_sample(
-            0,
-            &replica_body(d, Some(&(REST_GOROUTINES + 100).to_string())),
-            300,
-            10_100,
-        )
-        .unwrap();
+    let r = poll_replica(&mut t, 0, 100, 300, 10_100);
     assert!(r.share > 0.6, "{}", r.share);
 }
 
