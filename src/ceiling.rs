@@ -37,6 +37,10 @@
 //! window does not open the gates. It never goes below [`MIN_BYTES_PER_REQUEST`]. An
 //! operator who knows the figure can fix it (`memory.bytes_per_request`).
 //!
+//! With several replicas that show their own count of requests, the in-flight values
+//! are that count instead of the filter's, and the ceiling is in the replica's own
+//! requests; `pressure/replica.rs` turns it into a bound on the filter's count.
+//!
 //! Least squares underestimates a slope when the in-flight values themselves are
 //! noisy (the count read at the poll is not exactly the count the store had when it
 //! measured its memory); the host reads the in-flight count when the poll is sent
@@ -158,8 +162,7 @@ impl Estimator {
             return false;
         }
         let start_time = start_time.filter(|s| s.is_finite());
-        let restarted = matches!((self.start_time, start_time),
-            (Some(old), Some(new)) if (new - old).abs() > RESTART_EPSILON_S);
+        let restarted = self.restarted_by(start_time);
         if restarted {
             self.len = 0;
             self.next = 0;
@@ -191,6 +194,13 @@ impl Estimator {
             .map(|p| (p.memory - b * p.in_flight).max(0.0))
             .reduce(f64::min);
         restarted
+    }
+
+    /// Whether a sample with this start time comes from a restarted store.
+    pub fn restarted_by(&self, start_time: Option<f64>) -> bool {
+        let start_time = start_time.filter(|s| s.is_finite());
+        matches!((self.start_time, start_time),
+            (Some(old), Some(new)) if (new - old).abs() > RESTART_EPSILON_S)
     }
 
     fn window(&self) -> &[Point] {

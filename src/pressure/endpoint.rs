@@ -3,6 +3,8 @@
 use crate::ceiling;
 use crate::ceiling::Estimator;
 use crate::prom::PromError;
+
+use super::replica::Replica;
 use std::fmt;
 
 /// Why a poll produced no sample.
@@ -169,6 +171,9 @@ pub struct Reading {
     pub max_in_flight: u32,
     /// This endpoint's estimate of the store's memory per request in flight (bytes).
     pub bytes_per_request: f64,
+    /// The share of the filter's requests assumed to reach this endpoint (1 with one
+    /// endpoint or without its goroutine count; see `replica.rs`).
+    pub share: f64,
 }
 
 /// Why [`PressureTracker::on_sample`] took no sample.
@@ -205,8 +210,12 @@ pub(super) struct Endpoint {
     pub(super) failures: u64,
     pub(super) consecutive_failures: u32,
     pub(super) expirations: u64,
-    /// Learns this store's memory per request in flight.
+    /// Learns this store's memory per request in flight: per request of the
+    /// filter's, or per request of this replica's own (`by_replica`).
     pub(super) estimator: Estimator,
+    pub(super) by_replica: bool,
+    /// Its part of the filter's requests, when several endpoints are polled.
+    pub(super) replica: Replica,
     /// The in-flight ceiling computed at the last good sample.
     pub(super) max_in_flight: Option<u32>,
     /// The demand (bytes) of the last good sample, and whether the one before was
@@ -231,6 +240,8 @@ impl Endpoint {
             consecutive_failures: 0,
             expirations: 0,
             estimator: Estimator::new(bytes_per_request),
+            by_replica: false,
+            replica: Replica::new(),
             max_in_flight: None,
             last_demand: 0.0,
             rising: false,

@@ -88,8 +88,9 @@
 //! worker reads it back on its tick ([`load`]), keeps the [`PressureSnapshot`], and
 //! calls [`PressureSnapshot::decide`] per request: pure arithmetic, no hostcall. The
 //! snapshot also carries the in-flight ceiling ([`PressureSnapshot::max_in_flight`]:
-//! the tightest endpoint's, see [`crate::ceiling`]), which every worker hands to its
-//! limiter; the limiter checks it on every request against the exact global count.
+//! the tightest endpoint's, see [`crate::ceiling`]; with several endpoints each is
+//! scaled by its replica's share of the requests, see `replica.rs`), which every
+//! worker hands to its limiter; the limiter checks it on every request against the exact global count.
 //! A snapshot older than `max_sample_age_ms` (the poller died) is ignored; the worker
 //! then keeps the last ceiling it saw. The layout is fixed ([`SNAPSHOT_LEN`] bytes,
 //! checksummed); see [`PressureSnapshot::encode`].
@@ -103,6 +104,7 @@
 mod config;
 mod curve;
 mod endpoint;
+mod replica;
 mod snapshot;
 mod tracker;
 
@@ -114,6 +116,7 @@ pub use curve::Curve;
 pub use endpoint::{
     EndpointStats, EndpointStatus, FailureReason, Reading, SampleError, StatusKind, Transition,
 };
+pub use replica::{GOROUTINES_GAUGE, SHARE_FALL_WEIGHT, SHARE_MIN_IN_FLIGHT};
 pub use snapshot::{load, publish, PressureSnapshot, SnapshotError, SNAPSHOT_KEY, SNAPSHOT_LEN};
 pub use tracker::{PressureStats, PressureTracker, ShedCounters};
 

@@ -780,3 +780,171 @@ fn a_limit_alone_turns_memory_shedding_on() {
     };
     assert!(no_limit.validate("memory").is_err());
 }
+
+// ---- several replicas, each showing its own count (go_goroutines) ----
+
+/// `body(d, d)` with the replica's goroutine count, or without the gauge.
+fn replica_body(demand: f64, goroutines: Option<&str>) -> Vec<u8> {
+    let text = String::from_utf8(body(demand, demand)).unwrap();
+    let line = goroutines.map_or(String::new(), |g| format!("go_goroutines {g}\n"));
+    text.replace("go_goroutines 5023\n", &line).into_bytes()
+}
+
+const REST_GOROUTINES: u32 = 12;
+
+/// One poll of replica `i` holding `held` of `global` requests in flight: its memory
+/// `0.3 x limit` plus that many at the prior cost, its goroutines its rest plus `held`.
+fn poll_replica(t: &mut PressureTracker, i: usize, held: u32, global: u32, now: u64) -> Reading {
+    let demand = 0.3 + f64::from(held) * PRIOR / LIMIT as f64;
+    let g = (REST_GOROUTINES + held).to_string();
+    t.on_sample(i, &replica_body(demand, Some(&g)), global, now)
+        .unwrap()
+}
+
+/// Polls every replica once at rest, then `rounds` times with `global` requests in
+/// flight, replica `i` holding `held[i]` of them; returns the published ceiling.
+fn replicas_ceiling(t: &mut PressureTracker, held: &[u32], global: u32, rounds: u64) -> u32 {
+    let mut now = 0;
+    for (i, _) in held.iter().enumerate() {
+        poll_replica(t, i, 0, 0, now);
+    }
+    for _ in 0..rounds {
+        now += 100;
+        for (i, &n) in held.iter().enumerate() {
+            poll_replica(t, i, n, global, now);
+        }
+    }
+    t.snapshot(now).max_in_flight().unwrap()
+}
+
+/// Today's ceiling for the same polls: the replicas' counts unknown.
+fn ceiling_without_counts(held: &[u32], global: u32) -> u32 {
+    let mut t = PressureTracker::new(&cfg_endpoints(held.len()));
+    let demand = |k: u32| 0.3 + f64::from(k) * PRIOR / LIMIT as f64;
+    for (i, &n) in held.iter().enumerate() {
+        t.on_sample(i, &replica_body(0.3, None), 0, 0).unwrap();
+        t.on_sample(i, &replica_body(demand(n), None), global, 100)
+            .unwrap();
+    }
+    t.snapshot(100).max_in_flight().unwrap()
+}
+
+#[test]
+fn replicas_with_even_shares_hold_each_its_own_headroom() {
+    let one = ceiling_without_counts(&[100, 100, 100], 300);
+    // One replica's headroom above its base, at the prior cost: today's ceiling.
+    assert!(expected(0, 0.3, 0.95, PRIOR).contains(&one), "{one}");
+    for n in [2u32, 3] {
+        let held = vec![300 / n; n as usize];
+        let mut t = PressureTracker::new(&cfg_endpoints(n as usize));
+        let c = replicas_ceiling(&mut t, &held, 300, 60);
+        let want = f64::from(one) * f64::from(n);
+        assert!(
+            (f64::from(c) - want).abs() < 0.03 * want,
+            "{n} replicas: {c} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn a_replica_that_gets_every_key_gives_todays_ceiling() {
+    let held = [300, 0, 0];
+    let today = ceiling_without_counts(&held, 300);
+    let mut t = PressureTracker::new(&cfg_endpoints(3));
+    let c = replicas_ceiling(&mut t, &held, 300, 60);
+    assert!(c.abs_diff(today) <= 2, "{c} vs {today}");
+}
+
+#[test]
+fn requests_no_replica_shows_count_on_every_replica() {
+    // The filter has 300 in flight; the replicas show 60 each: 120 are in transit
+    // (or idle connections were reused). Each replica may get them all.
+    let mut t = PressureTracker::new(&cfg_endpoints(3));
+    let c = replicas_ceiling(&mut t, &[60, 60, 60], 300, 60);
+    let share = t.endpoints[0].replica.share;
+    assert!((share - 180.0 / 300.0).abs() < 0.01, "{share}");
+    let even = replicas_ceiling(
+        &mut PressureTracker::new(&cfg_endpoints(3)),
+        &[100, 100, 100],
+        300,
+        60,
+    );
+    assert!(c < even, "{c} vs {even}");
+}
+
+#[test]
+fn a_share_that_rises_lowers_the_ceiling_at_once() {
+    let mut t = PressureTracker::new(&cfg_endpoints(3));
+    let even = replicas_ceiling(&mut t, &[100, 100, 100], 300, 60);
+    // Replica 0 now gets most keys: the next poll of it takes the new share whole.
+    let r = poll_replica(&mut t, 0, 250, 300, 10_000);
+    assert!((r.share - 250.0 / 300.0).abs() < 0.01, "{}", r.share);
+    let c = t.snapshot(10_000).max_in_flight().unwrap();
+    assert!(c < even / 2, "{c} vs {even}");
+    assert_eq!(c, r.max_in_flight);
+}
+
+#[test]
+fn without_counts_or_with_one_endpoint_the_ceiling_is_todays() {
+    // Missing, NaN or negative goroutine counts: the filter's count, share 1.
+    for g in [None, Some("NaN"), Some("-5"), Some("+Inf")] {
+        let mut plain = PressureTracker::new(&cfg_endpoints(3));
+        let mut odd = PressureTracker::new(&cfg_endpoints(3));
+        for (now, global, d) in [(0, 0, 0.3), (100, 300, 0.35), (200, 320, 0.36)] {
+            for i in 0..3 {
+                let a = plain
+                    .on_sample(i, &replica_body(d, None), global, now)
+                    .unwrap();
+                let b = odd.on_sample(i, &replica_body(d, g), global, now).unwrap();
+                assert_eq!(a, b, "{g:?}");
+                assert_eq!(b.share, 1.0);
+            }
+        }
+        assert_eq!(plain.snapshot(200), odd.snapshot(200), "{g:?}");
+    }
+    // One endpoint: the count is not used (the single-store path is unchanged).
+    let mut plain = PressureTracker::new(&cfg());
+    let mut counted = PressureTracker::new(&cfg());
+    for (now, global, d, g) in [(0, 0, 0.3, 10), (100, 300, 0.35, 310), (200, 320, 0.36, 40)] {
+        let a = plain
+            .on_sample(0, &replica_body(d, None), global, now)
+            .unwrap();
+        let b = counted
+            .on_sample(0, &replica_body(d, Some(&g.to_string())), global, now)
+            .unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn a_replica_that_stops_showing_its_count_starts_over_conservatively() {
+    let mut t = PressureTracker::new(&cfg_endpoints(3));
+    let even = replicas_ceiling(&mut t, &[100, 100, 100], 300, 60);
+    let d = 0.3 + 100.0 * PRIOR / LIMIT as f64;
+    let r = t.on_sample(1, &replica_body(d, None), 300, 10_000).unwrap();
+    assert_eq!(r.share, 1.0);
+    assert!(!t.endpoints[1].by_replica);
+    let c = t.snapshot(10_000).max_in_flight().unwrap();
+    assert!(c < even / 2, "{c} vs {even}");
+    // Its requests are now unaccounted: the others' shares rise at their next poll.
+    let r = poll_replica(&mut t, 0, 100, 300, 10_100);
+    assert!(r.share > 0.6, "{}", r.share);
+}
+
+#[test]
+fn a_replica_restart_forgets_its_count_at_rest() {
+    let mut t = PressureTracker::new(&cfg_endpoints(2));
+    let with = |g: u32, start: f64| {
+        let mut b = replica_body(0.3, Some(&g.to_string()));
+        b.extend_from_slice(format!("process_start_time_seconds {start}\n").as_bytes());
+        b
+    };
+    t.on_sample(0, &with(10, 1.0), 0, 0).unwrap();
+    t.on_sample(0, &with(60, 1.0), 100, 100).unwrap();
+    assert_eq!(t.endpoints[0].replica.held(), Some(50));
+    // Restarted with more goroutines at rest (a new runtime): held from the new rest.
+    t.on_sample(0, &with(40, 2.0), 100, 200).unwrap();
+    assert_eq!(t.endpoints[0].replica.held(), Some(0));
+    t.on_sample(0, &with(45, 2.0), 100, 300).unwrap();
+    assert_eq!(t.endpoints[0].replica.held(), Some(5));
+}

@@ -8,7 +8,9 @@ use super::curve::Curve;
 use super::endpoint::{
     Endpoint, EndpointStats, FailureReason, Reading, SampleError, StatusKind, Transition,
 };
+use super::replica::{global_ceiling, unaccounted, GOROUTINES_GAUGE};
 use super::snapshot::{clamp_u16, PressureSnapshot, FLAG_ACTIVE, FLAG_CEILING, FLAG_FALLBACK};
+use crate::ceiling::Estimator;
 use crate::classify::Criticality;
 use crate::prom::{find_many, PromError, Selector};
 use crate::wire::f64_to_u32;
@@ -21,7 +23,7 @@ pub struct PressureTracker {
     pub(super) limit: f64,
     pub(super) max_age_ms: u64,
     /// `selectors[0]` is the ceiling, then `demands` demand gauges, then `retained`
-    /// retained gauges (0 or 2), then the store's start time.
+    /// retained gauges (0 or 2), then the store's start time and goroutine count.
     pub(super) selectors: Vec<Selector>,
     pub(super) demands: usize,
     pub(super) retained: usize,
@@ -31,6 +33,8 @@ pub struct PressureTracker {
     pub(super) fast_poll_ms: u64,
     pub(super) idle_poll_ms: u64,
     pub(super) scratch: Vec<Result<f64, PromError>>,
+    /// The operator's `bytes_per_request`, for estimators started over.
+    pub(super) fixed_cost: Option<u64>,
     pub(super) endpoints: Vec<Endpoint>,
     pub(super) last: PressureSnapshot,
 }
@@ -47,6 +51,7 @@ impl PressureTracker {
         selectors.extend(cfg.demand_gauges.iter().map(parse));
         selectors.extend(cfg.retained_gauges.iter().map(parse));
         selectors.push(Selector::name_only(START_TIME_GAUGE));
+        selectors.push(Selector::name_only(GOROUTINES_GAUGE));
         let n = cfg.endpoints.len().min(MAX_ENDPOINTS);
         let limit = if cfg.memory_limit_bytes == 0 {
             f64::INFINITY
@@ -65,6 +70,7 @@ impl PressureTracker {
                 .max(fast_poll_ms),
             max_age_ms: cfg.max_sample_age_ms,
             scratch: Vec::with_capacity(selectors.len()),
+            fixed_cost: cfg.bytes_per_request,
             demands: cfg.demand_gauges.len(),
             retained: cfg.retained_gauges.len(),
             selectors,
@@ -103,7 +109,12 @@ impl PressureTracker {
                 return Err(SampleError::Metrics(e));
             }
         };
-        let (ceiling_bytes, demand_bytes, start_time) = values;
+        let Values {
+            ceiling: ceiling_bytes,
+            demand: demand_bytes,
+            start_time,
+            goroutines,
+        } = values;
         let ceiling_ratio = ratio(ceiling_bytes, self.limit);
         let demand_ratio = demand_bytes.map(|d| ratio(d, self.limit));
         let fallback = demand_ratio.is_none();
@@ -112,6 +123,10 @@ impl PressureTracker {
         let s = FALL_SMOOTHING;
         let (soft, critical) = (self.curve.soft, self.curve.critical);
         let (line, limit) = (self.line, self.limit);
+        let (replicas, fixed_cost) = (self.endpoints.len(), self.fixed_cost);
+        // With one endpoint, every request reaches it: the replica path is for several.
+        let goroutines = goroutines.filter(|_| replicas > 1);
+        let others_held = self.held_by_others(endpoint, now_ms);
         let Some(ep) = self.endpoints.get_mut(endpoint) else {
             return Err(SampleError::UnknownEndpoint(endpoint));
         };
@@ -135,8 +150,33 @@ impl PressureTracker {
         // The ceiling decides on what the store will need: its demand (resident
         // memory less what it can reuse), raw, not smoothed.
         let memory = demand_bytes.unwrap_or(ceiling_bytes);
-        ep.estimator.observe(in_flight, memory, start_time);
-        let max_in_flight = ep.estimator.ceiling(in_flight, memory, line);
+        if ep.estimator.restarted_by(start_time) {
+            ep.replica.reset();
+        }
+        let held = goroutines.and_then(|g| ep.replica.observe(g));
+        if held.is_some() != ep.by_replica {
+            // The estimate's unit changes (requests of this replica, or of the filter):
+            // start it over.
+            ep.by_replica = held.is_some();
+            ep.estimator = Estimator::new(fixed_cost);
+        }
+        let (max_in_flight, share) = match held {
+            // Learned against the replica's own count; the global ceiling from its share.
+            Some(held) => {
+                ep.estimator.observe(held, memory, start_time);
+                let own = ep.estimator.ceiling(held, memory, line);
+                let pending = held.saturating_add(unaccounted(in_flight, [others_held, held]));
+                let share = ep.replica.learn_share(pending, in_flight, replicas);
+                (global_ceiling(in_flight, own, pending, share), share)
+            }
+            // One endpoint, or no count: learned against the filter's count, as if every
+            // request may land here.
+            None => {
+                ep.replica.reset();
+                ep.estimator.observe(in_flight, memory, start_time);
+                (ep.estimator.ceiling(in_flight, memory, line), 1.0)
+            }
+        };
         ep.max_in_flight = Some(max_in_flight);
         ep.rising = continuous && memory - ep.last_demand > RISING_SHARE * limit;
         ep.last_demand = memory;
@@ -149,15 +189,27 @@ impl PressureTracker {
             decision_ratio: ep.decision(soft, critical),
             max_in_flight,
             bytes_per_request: ep.estimator.per_request(),
+            share,
         })
     }
 
-    /// (ceiling, demand, start time) from `scratch`, or why the poll must count as
-    /// failed. Demand is the ceiling minus retained-but-free memory when the retained
-    /// pair is in the body, else the sum of the demand gauges, else `None`. The start
-    /// time is optional.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn read_values(&self) -> Result<(f64, Option<f64>, Option<f64>), PromError> {
+    /// The requests held by the other endpoints that show their count and still
+    /// drive (a count from an old sample says nothing about now).
+    fn held_by_others(&self, endpoint: usize, now_ms: u64) -> u32 {
+        let max_age = self.max_age_ms;
+        self.endpoints
+            .iter()
+            .enumerate()
+            .filter(|&(j, ep)| j != endpoint && ep.derive(now_ms, max_age).drives())
+            .filter_map(|(_, ep)| ep.replica.held())
+            .fold(0, u32::saturating_add)
+    }
+
+    /// The gauges of one body from `scratch`, or why the poll must count as failed.
+    /// Demand is the ceiling minus retained-but-free memory when the retained pair is
+    /// in the body, else the sum of the demand gauges, else `None`. The start time and
+    /// the goroutine count are optional.
+    pub(super) fn read_values(&self) -> Result<Values, PromError> {
         let mut results = self.scratch.iter().zip(&self.selectors);
         let Some((ceiling, sel)) = results.next() else {
             return Err(PromError::NotFound {
@@ -167,29 +219,39 @@ impl PressureTracker {
         let ceiling = usable(ceiling, sel)?;
         let demand_part: Vec<_> = results.by_ref().take(self.demands).collect();
         let retained_part: Vec<_> = results.by_ref().take(self.retained).collect();
-        let start = results
-            .next()
-            .and_then(|(result, sel)| usable(result, sel).ok());
+        let mut optional = || {
+            results
+                .next()
+                .and_then(|(result, sel)| usable(result, sel).ok())
+        };
+        let start_time = optional();
+        let goroutines = optional();
+        let values = |demand| Values {
+            ceiling,
+            demand,
+            start_time,
+            goroutines,
+        };
         if let [(held, held_sel), (released, released_sel)] = retained_part[..] {
             if let (Ok(held), Ok(released)) =
                 (usable(held, held_sel), usable(released, released_sel))
             {
                 let retained = (held - released).max(0.0);
-                return Ok((ceiling, Some((ceiling - retained).max(0.0)), start));
+                return Ok(values(Some((ceiling - retained).max(0.0))));
             }
         }
         let mut demand = 0.0;
         let mut any = false;
         for (result, sel) in demand_part {
             match result {
-                Err(PromError::NotFound { .. }) => return Ok((ceiling, None, start)),
+                Err(PromError::NotFound { .. }) => return Ok(values(None)),
                 other => {
                     demand += usable(other, sel)?;
                     any = true;
                 }
             }
         }
-        Ok((ceiling, any.then_some(demand), start))
+        Ok(values(any.then_some(demand)))
     }
 
     /// When to poll next, from now: every `poll_interval_ms` while some endpoint is
@@ -301,7 +363,9 @@ impl PressureTracker {
     /// The filter cannot tell which replica a request will reach (Envoy's load
     /// balancer picks it after the filter has admitted the request), and counts its
     /// in-flight requests in one number: so every replica's ceiling is a bound on
-    /// that number, each learned against it, and all must hold (docs/memory.md).
+    /// that number and all must hold. A replica that shows its own count bounds it
+    /// at its share of the requests (`replica.rs`); one that does not, as if every
+    /// request may land on it (docs/memory.md).
     pub(super) fn with_ceiling(&self, mut snap: PressureSnapshot) -> PressureSnapshot {
         let tightest = self
             .endpoints
@@ -378,6 +442,15 @@ impl PressureTracker {
             stale_transitions: sum(|ep| ep.expirations),
         }
     }
+}
+
+/// The gauges one body gave (see [`PressureTracker::read_values`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Values {
+    pub(super) ceiling: f64,
+    pub(super) demand: Option<f64>,
+    pub(super) start_time: Option<f64>,
+    pub(super) goroutines: Option<f64>,
 }
 
 /// `bytes / limit`, 0 for an unset limit.
