@@ -373,6 +373,8 @@ impl Dispatcher {
             {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            let tracker = self.ctx.tracker();
+            workload.logged_in(|id| tracker.login(id));
         }
 
         let t0 = Instant::now();
@@ -394,6 +396,10 @@ impl Dispatcher {
                 if !self.pace(at) {
                     stopped_by = "interrupted";
                     break;
+                }
+                if n.is_multiple_of(LOGIN_CHECK_EVERY) {
+                    let tracker = self.ctx.tracker();
+                    workload.logged_in(|id| tracker.login(id));
                 }
                 let op = workload.next(&mut rng);
                 self.dispatch(op, false, due.phase, at, (due.at_s * 1e6) as u64);
@@ -418,6 +424,10 @@ impl Dispatcher {
         }
     }
 }
+
+/// New sessions join the live set (and get logged-in reads) once their creating
+/// write is acknowledged; the dispatcher checks every this many requests (a few ms).
+const LOGIN_CHECK_EVERY: u64 = 16;
 
 fn read_nofile_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;

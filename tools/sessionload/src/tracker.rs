@@ -25,6 +25,8 @@
 
 use std::collections::HashMap;
 
+use crate::workload::Login;
+
 #[derive(Debug, Clone, Copy)]
 struct VersionState {
     version: u32,
@@ -175,6 +177,16 @@ impl Tracker {
             self.sessions_deleted += 1;
         }
         self.finish(id, false);
+    }
+
+    /// Where session `id`'s first write stands: acknowledged, still pending, or
+    /// failed (nothing pending and never acknowledged).
+    pub fn login(&self, id: u64) -> Login {
+        match self.keys.get(&id) {
+            Some(k) if k.first_ack.is_some() => Login::Acked,
+            Some(k) if k.pending > 0 => Login::Pending,
+            _ => Login::Failed,
+        }
     }
 
     /// A GET is about to be sent; returns its send number S.

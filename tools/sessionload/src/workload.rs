@@ -356,17 +356,32 @@ pub enum MissSpace {
     },
 }
 
+/// Where a new session's creating write stands ([`Workload::logged_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    /// Not answered yet.
+    Pending,
+    /// Acknowledged (201): the user has their session cookie.
+    Acked,
+    /// Answered otherwise, or never sent: the login failed.
+    Failed,
+}
+
 /// Draws the next operation: class from the mix, key from the class's key
 /// space. Keeps the set of live sessions: a write creates a new session while
 /// the pool has room, otherwise rewrites a random live one; a delete removes a
-/// random live session for good. user_get/delete with no live session fall
-/// back to a write (creating one).
+/// random live session for good. A new session is live (read, rewritten,
+/// deleted) only once its creating write was acknowledged: a user gets the
+/// session cookie with the login's response, so no logged-in read of a session
+/// precedes it. user_get/delete with no live session fall back to a write.
 #[derive(Debug)]
 pub struct Workload {
     cum: [f64; 3],
     misses: MissSpace,
     pool_cap: usize,
     live: Vec<u64>,
+    /// New sessions whose creating write is not acknowledged yet.
+    logging_in: Vec<u64>,
     versions: HashMap<u64, u32>,
     next_session: u64,
 }
@@ -381,6 +396,7 @@ impl Workload {
             misses,
             pool_cap: keys.session_pool.max(1) as usize,
             live: Vec::new(),
+            logging_in: Vec::new(),
             versions: HashMap::new(),
             next_session: 0,
         }
@@ -403,11 +419,29 @@ impl Workload {
         }
     }
 
+    /// Moves the sessions whose login `state` says was acknowledged into the live
+    /// set and forgets those whose login failed (the pool has room again).
+    pub fn logged_in(&mut self, state: impl Fn(u64) -> Login) {
+        let versions = &mut self.versions;
+        let live = &mut self.live;
+        self.logging_in.retain(|&id| match state(id) {
+            Login::Pending => true,
+            Login::Acked => {
+                live.push(id);
+                false
+            }
+            Login::Failed => {
+                versions.remove(&id);
+                false
+            }
+        });
+    }
+
     /// A write that always creates a new session (used for prefill).
     pub fn new_session_write(&mut self) -> Op {
         let id = self.next_session;
         self.next_session += 1;
-        self.live.push(id);
+        self.logging_in.push(id);
         self.versions.insert(id, 1);
         Op {
             class: Class::Write,
@@ -417,10 +451,16 @@ impl Workload {
     }
 
     fn write(&mut self, rng: &mut Rng) -> Op {
-        if self.live.len() < self.pool_cap {
+        if self.live.len() + self.logging_in.len() < self.pool_cap {
             return self.new_session_write();
         }
-        let id = self.live[rng.below(self.live.len() as u64) as usize];
+        // The pool is full: rewrite a live session, or one still logging in if none is.
+        let pool = if self.live.is_empty() {
+            &self.logging_in
+        } else {
+            &self.live
+        };
+        let id = pool[rng.below(pool.len() as u64) as usize];
         let v = self.versions.entry(id).or_insert(0);
         *v = v.saturating_add(1);
         Op {
@@ -668,6 +708,7 @@ mod tests {
         let n = 200_000;
         for _ in 0..n {
             let op = w.next(&mut rng);
+            w.logged_in(|_| Login::Acked);
             counts[op.class.index()] += 1;
             if let KeyRef::Session(id) = op.key {
                 assert!(!deleted.contains(&id), "op on a deleted session");
@@ -686,6 +727,46 @@ mod tests {
         assert!((frac(Class::Write) - 0.04).abs() < 0.01);
         assert!((frac(Class::Delete) - 0.01).abs() < 0.005);
         assert_eq!(w.live_sessions(), 100);
+    }
+
+    #[test]
+    fn a_session_is_read_only_once_its_login_was_acknowledged() {
+        let mix = Mix {
+            reader_miss: 0.0,
+            user_get: 0.5,
+            write: 0.5,
+            delete: 0.0,
+        };
+        let mut w = Workload::new(mix, &keys(4), MissSpace::Zipf(Zipf::new(10, 1.0)));
+        let mut rng = Rng::new(9);
+        let mut created = Vec::new();
+        for _ in 0..200 {
+            let op = w.next(&mut rng);
+            assert_ne!(
+                op.class,
+                Class::UserGet,
+                "read before any login was acknowledged"
+            );
+            if let (KeyRef::Session(id), 1) = (op.key, op.version) {
+                created.push(id);
+            }
+        }
+        assert_eq!(
+            created,
+            vec![0, 1, 2, 3],
+            "the pool counts sessions logging in"
+        );
+        // Session 1's login failed: it is forgotten and a new session takes its place.
+        w.logged_in(|id| if id == 1 { Login::Failed } else { Login::Acked });
+        let mut read = HashSet::new();
+        for _ in 0..400 {
+            let op = w.next(&mut rng);
+            if let (Class::UserGet, KeyRef::Session(id)) = (op.class, op.key) {
+                read.insert(id);
+            }
+        }
+        assert!(!read.contains(&1) && !read.contains(&4), "{read:?}");
+        assert_eq!(read, HashSet::from([0, 2, 3]));
     }
 
     #[test]
