@@ -170,6 +170,8 @@ impl Worker {
         self.memory_ceiling = Some(held);
         let applied = if memory.enforce { held } else { MAX_CEILING };
         self.vm.limiter.set_memory_ceiling(Some(applied));
+        let below_soft = loaded.is_some_and(|p| p.is_active() && p.ratio() < memory.soft);
+        self.vm.limiter.spare_critical_from_ceiling(below_soft);
     }
 
     /// Forwards what the core counted since the last tick to Envoy's stats.

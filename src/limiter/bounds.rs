@@ -105,6 +105,18 @@ impl Limiter {
         self.set_caps(self.limit);
     }
 
+    /// While `spare` holds, critical requests are not bounded by the memory ceiling
+    /// (sheddable ones still are, less the reserve). The host spares them while the
+    /// store's measured memory is below the soft line: the memory itself then says there
+    /// is room, and a ceiling below the count in flight says the per-request estimate
+    /// is too high (it rises at once to a steep window), not that memory is short.
+    /// Shedding a logged-in user on an estimate the measurement contradicts is the
+    /// failure this filter exists to prevent. Above the soft line, or without a fresh
+    /// sample, the ceiling binds every request.
+    pub fn spare_critical_from_ceiling(&mut self, spare: bool) {
+        self.ceiling_spares_critical = spare;
+    }
+
     /// Whether requests are counted in the shared table at all.
     pub(super) fn counting(&self) -> bool {
         self.enabled || self.ceiling.is_some()

@@ -235,6 +235,9 @@ pub struct Limiter {
     pressure_factor: f64,
     /// Hard bound on total in flight from the store's memory headroom.
     ceiling: Option<u32>,
+    /// Whether critical requests pass the ceiling: while the store's measured memory
+    /// is below the soft line ([`Limiter::spare_critical_from_ceiling`]).
+    ceiling_spares_critical: bool,
     sheddable_cap: u32,
     /// Slots sheddable requests leave to critical ones, and the critical peak behind
     /// it: the decayed estimate and the current tick's window.
@@ -272,6 +275,7 @@ impl Limiter {
             base_limit: 0,
             pressure_factor: 1.0,
             ceiling: None,
+            ceiling_spares_critical: false,
             sheddable_cap: 0,
             reserve: 0,
             critical_peak: 0.0,
@@ -401,7 +405,8 @@ impl Limiter {
             }
             Criticality::Sheddable => total.total() < limit && total.sheddable < self.sheddable_cap,
         };
-        match (fits_limit, total.total() < ceiling) {
+        let spared = crit == Criticality::Critical && self.ceiling_spares_critical;
+        match (fits_limit, spared || total.total() < ceiling) {
             (true, true) => Ok(()),
             (_, false) => Err(Bound::Memory),
             // The sheddable cap is set by whichever of limit and ceiling is tighter.

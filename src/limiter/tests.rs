@@ -374,6 +374,32 @@ fn the_memory_ceiling_bounds_the_total_and_keeps_the_reserve() {
 }
 
 #[test]
+fn critical_requests_pass_a_ceiling_only_while_spared() {
+    let store = MemStore::new();
+    let mut l = Limiter::new(&fixed(1000, 0.8), 8, 1);
+    l.set_memory_ceiling(Some(10));
+    let mut held: Vec<_> = (0..10).map(|_| ok(l.try_acquire(&store, C, 0))).collect();
+    assert!(matches!(
+        l.try_acquire(&store, C, 0),
+        Acquire::Shed {
+            bound: Bound::Memory,
+            ..
+        }
+    ));
+    l.spare_critical_from_ceiling(true);
+    held.push(ok(l.try_acquire(&store, C, 0)));
+    assert!(
+        matches!(l.try_acquire(&store, S, 0), Acquire::Shed { .. }),
+        "sheddable requests stay bounded"
+    );
+    l.spare_critical_from_ceiling(false);
+    assert!(matches!(l.try_acquire(&store, C, 0), Acquire::Shed { .. }));
+    for p in held {
+        l.release(&store, p, done(1.0), 1);
+    }
+}
+
+#[test]
 fn a_memory_ceiling_counts_even_without_a_concurrency_limit() {
     let store = MemStore::new();
     let mut cfg = fixed(1, 1.0);
