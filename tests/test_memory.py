@@ -50,9 +50,21 @@ def capacity(service_ms: float) -> float:
     return PARALLELISM * 1000 / service_ms
 
 
-def kask_flags(limit: int, service_ms: float, delay_ms: int = 0) -> list[str]:
+#: kask-sim's memory per request in flight at 64 MiB (its default).
+REQUEST_BYTES_AT_64MIB = 20 * 1024
+
+
+def request_bytes(limit: int, same_ratios: bool) -> int:
+    """kask-sim's per-request memory: 20 KiB, or with `same_ratios` 20 KiB per 64 MiB of limit
+    (a store whose requests cost the same share of its limit, so the surge fills its memory
+    as fast as at 64 MiB)."""
+    return REQUEST_BYTES_AT_64MIB * limit // (64 * MiB) if same_ratios else REQUEST_BYTES_AT_64MIB
+
+
+def kask_flags(limit: int, service_ms: float, delay_ms: int = 0,
+               per_request: int = REQUEST_BYTES_AT_64MIB) -> list[str]:
     delay = ["--get-delay-ms", str(delay_ms)] if delay_ms else []
-    return ["--memory-limit", str(limit), "--per-request-bytes", "20Ki",
+    return ["--memory-limit", str(limit), "--per-request-bytes", str(per_request),
             "--backend-parallelism", str(PARALLELISM), "--service-time-ms", str(service_ms),
             "--release-delay-secs", "120", *delay]
 
@@ -66,11 +78,15 @@ STOP_WITHIN_S = 2
 SAMPLE_EVERY_S = 0.1
 
 
-def plugin(limit: int) -> dict:
+def plugin(limit: int, defaults: bool = False) -> dict:
     """Memory shedding alone: what a new user writes, plus the other two store-protecting
-    mechanisms out of the way."""
+    mechanisms out of the way; with `defaults`, only what a new user writes (every mechanism
+    on)."""
+    memory = {"memory": {"memory_limit_bytes": limit}}
+    if defaults:
+        return memory
     return {"concurrency": {"mode": "fixed", "limit": 2048}, "admission": {"enforce": False},
-            "memory": {"enabled": True, "memory_limit_bytes": limit}}
+            **memory}
 
 
 def phases(service_ms: float, surge: float, steady_s: int, surge_s: int,
@@ -193,16 +209,17 @@ class Sampler(threading.Thread):
 
 
 def run_case(workdir: Path, limit: int, service_ms: float, shape: list,
-             with_filter: bool = True, delay_ms: int = 0) -> dict:
+             with_filter: bool = True, delay_ms: int = 0, defaults: bool = False,
+             per_request: int = REQUEST_BYTES_AT_64MIB) -> dict:
     """One run; everything measured, nothing asserted."""
     workdir.mkdir(parents=True, exist_ok=True)
-    kask = Supervised(workdir, kask_flags(limit, service_ms, delay_ms))
+    kask = Supervised(workdir, kask_flags(limit, service_ms, delay_ms, per_request))
     envoy = None
     sampler = None
     try:
         cfg = harness.localize(harness.load_config("sidecar.yaml"),
                                upstreams={"sessionstore": [kask.port]},
-                               plugin=plugin(limit) if with_filter else None)
+                               plugin=plugin(limit, defaults) if with_filter else None)
         if not with_filter:
             cfg = baselines.bare(cfg)
         envoy = harness.Envoy(workdir, cfg, concurrency=2).start()
@@ -231,6 +248,7 @@ def run_case(workdir: Path, limit: int, service_ms: float, shape: list,
     return {
         "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "limit": limit, "service_ms": service_ms, "delay_ms": delay_ms, "shape": shape,
+        "defaults": defaults, "per_request_bytes": per_request,
         "load_average": os.getloadavg(), "with_filter": with_filter, "surge_end": surge_end,
         "oom_kills": sum(1 for e in kills if e.get("oom")),
         "sigkills": len(kills),
@@ -402,9 +420,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| limit | surge | OOM kills | peak RSS / limit | writes ok | logged-in reads ok | "
-            "503s stop after the surge | ceiling (min-max) | bytes/request | load avg |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| limit | kask-sim bytes/request | surge | OOM kills | peak RSS / limit | writes ok | "
+            "logged-in reads ok | 503s stop after the surge | ceiling (min-max) | learned "
+            "bytes/request | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         last = last_shed_second(r)
         stop = "-" if last is None else (
@@ -413,7 +432,8 @@ def table(results: list[dict]) -> str:
         per = [x["per_request"] for x in r["filter"] if x.get("per_request")]
         w, u = r["classes"]["write"], r["classes"]["user_get"]
         rows.append(
-            f"| {r['limit'] // MiB} MiB | {r['shape'][1][2] / capacity(r['service_ms']):.1f}x "
+            f"| {r['limit'] // MiB} MiB | {r.get('per_request_bytes', REQUEST_BYTES_AT_64MIB)} "
+            f"| {r['shape'][1][2] / capacity(r['service_ms']):.1f}x "
             f"({r['shape'][1][2]}/s) | {r['oom_kills']} | {(r['peak_rss'] or 0) / r['limit']:.3f} | "
             f"{ok_share(r, 'write'):.2%} ({w['ok']}/{w['sent']}) | "
             f"{ok_share(r, 'user_get'):.2%} ({u['ok']}/{u['sent']}) | {stop} | "
@@ -437,10 +457,10 @@ def write_results(results: list[dict], command: str) -> None:
     section = f"""<!-- results: generated by tests/test_memory.py -->
 Measured {date} at commit {commit}{" (with uncommitted changes)" if dirty else ""} by
 `{command}` ({os.cpu_count()} cores, {cpu}; the machine was shared with other jobs: the
-load average at the end of each run is in the table). kask-sim `{" ".join(kask_flags(0, results[0]["service_ms"])[2:])}`
-with `--memory-limit` as in the table; steady {results[0]["shape"][0][2]}/s (0.75x capacity)
+load average at the end of each run is in the table). kask-sim `{" ".join(kask_flags(0, results[0]["service_ms"])[4:])}`
+with `--memory-limit` and `--per-request-bytes` as in the table; steady {results[0]["shape"][0][2]}/s (0.75x capacity)
 for {results[0]["shape"][0][1]} s, the surge for {results[0]["shape"][1][1]} s, steady again for
-{results[0]["shape"][2][1]} s; plugin `{json.dumps(plugin(0)).replace('"memory_limit_bytes": 0', '"memory_limit_bytes": LIMIT')}`.
+{results[0]["shape"][2][1]} s; plugin `{json.dumps(plugin(0, results[0].get("defaults", False))).replace('"memory_limit_bytes": 0', '"memory_limit_bytes": LIMIT')}`.
 
 {table(results)}
 
@@ -473,6 +493,10 @@ if __name__ == "__main__":
     ap.add_argument("--surge-rate", type=int, help="the surge's rate in requests/s (not x capacity)")
     ap.add_argument("--service-ms", type=float, default=DEMO_SERVICE_MS,
                     help="kask-sim's mean service time (capacity = 4000 / this)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="the plugin as a new user writes it: memory_limit_bytes only, every mechanism on")
+    ap.add_argument("--same-ratios", action="store_true",
+                    help="kask-sim's per-request memory scaled with the limit (20 KiB per 64 MiB)")
     ap.add_argument("--docs", action="store_true",
                     help="write docs/memory.md's results section and docs/img/memory.png")
     args = ap.parse_args()
@@ -484,7 +508,8 @@ if __name__ == "__main__":
         if args.surge_rate:
             shape[1] = ("surge", args.hold, args.surge_rate)
         r = run_case(base / f"{limit // MiB}-{surge}", limit, args.service_ms, shape,
-                     with_filter=not args.bare, delay_ms=args.delay_ms)
+                     with_filter=not args.bare, delay_ms=args.delay_ms, defaults=args.defaults,
+                     per_request=request_bytes(limit, args.same_ratios))
         results.append(r)
         print(describe(r), flush=True)
         print_series(r)
