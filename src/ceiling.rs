@@ -32,10 +32,14 @@
 //! requests do; in both cases the slope is noise. Until then, and whenever the window says
 //! nothing, the estimate stays where it was, starting at a conservative prior
 //! ([`PRIOR_BYTES_PER_REQUEST`], about twice Kask's measured ~36 KB). The estimate
-//! rises at once to a larger slope (memory costs more than thought: act now) and
-//! falls only by a quarter of the way per poll towards a smaller one, so one lucky
-//! window does not open the gates. It never goes below [`MIN_BYTES_PER_REQUEST`]. An
-//! operator who knows the figure can fix it (`memory.bytes_per_request`).
+//! rises at once to a larger slope (memory costs more than thought: act now). A
+//! smaller slope never lowers it: while memory lags a rising count (requests the store
+//! has not taken in yet) the slope is too flat. It falls only towards the cost seen
+//! at a steady load ([`Estimator::steady_cost`]: count and memory both still for
+//! [`STEADY_POLLS`] polls, so the store holds what the filter counts), by
+//! [`FALL_WEIGHT`] of the way per poll, so that a store whose requests are cheap fills
+//! its headroom; never below [`MIN_BYTES_PER_REQUEST`]. An operator who knows the
+//! figure can fix it (`memory.bytes_per_request`).
 //!
 //! With several replicas that show their own count of requests, the in-flight values
 //! are that count instead of the filter's, and the ceiling is in the replica's own
@@ -91,6 +95,18 @@ pub const MIN_SPREAD: f64 = 16.0;
 /// noise alone makes slopes of 100 KB+ per request, and a noise slope adopted at once
 /// (a larger estimate is) shrinks the ceiling below what the store needs to stay busy.
 pub const MIN_FIT: f64 = 0.5;
+/// A steady load ([`Estimator::steady_cost`]): this many polls in a row...
+pub const STEADY_POLLS: usize = 8;
+/// ...with memory within this share of its lowest value (not still rising behind the
+/// count)...
+pub const STEADY_MEMORY_SPREAD: f64 = 0.05;
+/// ...and the in-flight count within this share of its lowest (the Poisson noise of a
+/// steady load of a few hundred requests is ~10% between the extremes of 8 polls)...
+pub const STEADY_COUNT_SPREAD: f64 = 0.15;
+/// ...and at least this many in flight...
+pub const MIN_STEADY_IN_FLIGHT: f64 = 64.0;
+/// ...and at most this share of them at the lightest poll, the anchor.
+pub const STEADY_ANCHOR_SHARE: f64 = 0.5;
 /// Polls needed in the window to learn: with fewer, a fit of [`MIN_FIT`] happens by
 /// chance too often (at 16 points, about once in a thousand windows of unrelated data).
 const MIN_POINTS: usize = 16;
@@ -130,6 +146,9 @@ pub struct Estimator {
     rest: Option<f64>,
     /// `memory − per_request × in_flight` at the last quiet poll.
     quiet: Option<f64>,
+    /// The poll with the fewest in flight since the store started (the latest of
+    /// equals): the anchor of [`Self::steady_cost`].
+    lightest: Option<Point>,
     stats: EstimatorStats,
 }
 
@@ -150,6 +169,7 @@ impl Estimator {
             start_time: None,
             rest: None,
             quiet: None,
+            lightest: None,
             stats: EstimatorStats::default(),
         }
     }
@@ -168,16 +188,21 @@ impl Estimator {
             self.next = 0;
             self.rest = None;
             self.quiet = None;
+            self.lightest = None;
             self.stats.restarts = self.stats.restarts.saturating_add(1);
         }
         if start_time.is_some() {
             self.start_time = start_time;
         }
-        if let Some(point) = self.points.get_mut(self.next) {
-            *point = Point {
-                in_flight: f64::from(in_flight),
-                memory,
-            };
+        let point = Point {
+            in_flight: f64::from(in_flight),
+            memory,
+        };
+        if let Some(slot) = self.points.get_mut(self.next) {
+            *slot = point;
+        }
+        if self.lightest.is_none_or(|l| point.in_flight <= l.in_flight) {
+            self.lightest = Some(point);
         }
         self.next = (self.next + 1) % WINDOW;
         self.len = (self.len + 1).min(WINDOW);
@@ -232,24 +257,67 @@ impl Estimator {
         (slope.is_finite() && slope > 0.0 && fit >= MIN_FIT).then_some(slope)
     }
 
-    /// Moves the estimate towards the window's slope: at once if it is larger, by
-    /// [`FALL_WEIGHT`] of the way if it is smaller, never below the prior (module
-    /// docs: a lower slope is indistinguishable from requests the store has not
-    /// taken in yet).
+    /// Moves the estimate: at once up to a larger window slope (memory costs more than
+    /// thought: act now); down only towards the cost measured at a steady load
+    /// ([`Self::steady_cost`]), by [`FALL_WEIGHT`] of the way per poll, never below
+    /// [`MIN_BYTES_PER_REQUEST`]. A smaller *slope* never lowers it: while memory lags
+    /// a rising count (requests the store has not taken in yet) the slope is too flat,
+    /// and the ceiling would follow it up.
     fn learn(&mut self) {
-        let Some(slope) = self.window_slope() else {
-            return;
-        };
-        let target = slope.clamp(PRIOR_BYTES_PER_REQUEST as f64, MAX_BYTES_PER_REQUEST as f64);
         let before = self.per_request;
-        self.per_request = if target >= before {
-            target
-        } else {
-            before + FALL_WEIGHT * (target - before)
+        let rise = self.window_slope().filter(|&slope| slope > before);
+        self.per_request = match (rise, self.steady_cost()) {
+            (Some(slope), _) => slope.min(MAX_BYTES_PER_REQUEST as f64),
+            (None, Some(cost)) if cost < before => {
+                before + FALL_WEIGHT * (cost.max(MIN_BYTES_PER_REQUEST as f64) - before)
+            }
+            _ => before,
         };
         if self.per_request != before {
             self.stats.updates = self.stats.updates.saturating_add(1);
         }
+    }
+
+    /// What a request costs at a steady load: over the last [`STEADY_POLLS`] polls the
+    /// in-flight count (at least [`MIN_STEADY_IN_FLIGHT`]) moved by at most
+    /// [`STEADY_COUNT_SPREAD`] of itself and memory by at most [`STEADY_MEMORY_SPREAD`],
+    /// so memory is not still rising behind the count (the store has taken in what the
+    /// filter counts), and `(memory − base) / in_flight` is their cost, with the base
+    /// under the lightest poll since the store started (at most
+    /// [`STEADY_ANCHOR_SHARE`] of the load). `None` while anything moves.
+    pub fn steady_cost(&self) -> Option<f64> {
+        let lightest = self.lightest?;
+        if self.len < STEADY_POLLS {
+            return None;
+        }
+        let recent: Vec<Point> = (1..=STEADY_POLLS)
+            .filter_map(|back| self.points.get((self.next + WINDOW - back) % WINDOW))
+            .copied()
+            .collect();
+        let steady = |value: fn(&Point) -> f64, spread: f64| {
+            let (lo, hi) = recent
+                .iter()
+                .map(value)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                    (lo.min(v), hi.max(v))
+                });
+            (hi - lo <= spread * lo).then_some(lo)
+        };
+        let fewest = steady(|p| p.in_flight, STEADY_COUNT_SPREAD)?;
+        steady(|p| p.memory, STEADY_MEMORY_SPREAD)?;
+        if fewest < MIN_STEADY_IN_FLIGHT || lightest.in_flight > STEADY_ANCHOR_SHARE * fewest {
+            return None;
+        }
+        let n = recent.len() as f64;
+        let in_flight = recent.iter().map(|p| p.in_flight).sum::<f64>() / n;
+        let memory = recent.iter().map(|p| p.memory).sum::<f64>() / n;
+        // The base under the lightest poll, at the current estimate: an estimate
+        // above the true cost puts it too low and the cost found too high, by
+        // (estimate − cost) × its share of the load, so repeated polls converge on
+        // the cost from above.
+        let base = lightest.memory - self.per_request * lightest.in_flight;
+        let cost = (memory - base) / in_flight;
+        (cost.is_finite() && cost > 0.0).then_some(cost)
     }
 
     /// Bytes per request in flight, as estimated now (or fixed).
@@ -370,7 +438,7 @@ mod tests {
     const PRIOR: f64 = PRIOR_BYTES_PER_REQUEST as f64;
 
     #[test]
-    fn learns_a_larger_cost_from_a_rise_and_nothing_from_a_steady_load() {
+    fn learns_a_larger_cost_from_a_rise_and_a_smaller_one_only_at_a_steady_load() {
         let (base, b) = (10.0 * MI, 100.0 * KI);
         let mut e = Estimator::new(None);
         assert_eq!(e.per_request(), PRIOR);
@@ -396,30 +464,65 @@ mod tests {
         // The memory at rest is the base, within the noise.
         let rest = e.rest_memory().unwrap();
         assert!((rest - base).abs() < 1.0 * MI, "{}", rest / MI);
-        // A cheaper phase (80 KiB) moves it down gradually...
+        // A cheaper phase (80 KiB): its swings teach nothing (a flatter slope may be
+        // requests the store has not taken in)...
         let before = e.per_request();
         for i in 0..40 {
             let n = 5 + 30 * (i % 30);
             e.observe(n, store(base, 80.0 * KI, n, 0.0), Some(1.0));
         }
-        assert!(e.per_request() < before && e.per_request() > 80.0 * KI);
+        assert_eq!(e.per_request(), before);
+        // ...a load that holds still moves it down gradually.
+        for i in 0..40 {
+            let n = 400 + i % 3;
+            e.observe(n, store(base, 80.0 * KI, n, 0.0), Some(1.0));
+        }
+        assert!(
+            e.per_request() < 0.9 * before && e.per_request() > 80.0 * KI,
+            "{}",
+            e.per_request()
+        );
         for i in 0..200 {
-            let n = 5 + 30 * (i % 30);
+            let n = 400 + i % 3;
             e.observe(n, store(base, 80.0 * KI, n, 0.0), Some(1.0));
         }
         assert!((e.per_request() - 80.0 * KI).abs() < 0.01 * 80.0 * KI);
     }
 
     #[test]
-    fn a_store_cheaper_than_the_prior_keeps_the_prior() {
-        // Kask's ~36 KB: below the prior, indistinguishable from a surge the store has
-        // not taken in yet, so the prior holds (the operator may set the figure).
+    fn a_cheaper_store_is_learned_at_a_steady_load_and_fills_its_headroom() {
+        // Kask's ~36 KB, below the prior: a ramp teaches nothing (its slope may be a
+        // surge the store has not taken in yet); a load that holds still does.
+        let line = 0.78 * 64.0 * MI;
+        let b = 36.0 * KI;
         let mut e = Estimator::new(None);
-        for i in 0..200 {
-            let n = 10 * (i % 100);
-            e.observe(n, store(8.0 * MI, 36.0 * KI, n, noise(i, 100.0 * KI)), None);
+        for i in 0..10 {
+            e.observe(3, store(8.0 * MI, b, 3, noise(i, 50.0 * KI)), None);
         }
-        assert_eq!(e.per_request(), PRIOR);
+        for i in 0..40 {
+            let n = 20 * i;
+            e.observe(n, store(8.0 * MI, b, n, noise(i, 50.0 * KI)), None);
+            assert_eq!(e.per_request(), PRIOR, "a rise taught it at poll {i}");
+        }
+        // The ceiling binds and the load holds at it: the cost is learned, and the
+        // ceiling opens towards the headroom at that cost, never past it.
+        let mut n = e.ceiling(3, store(8.0 * MI, b, 3, 0.0), line);
+        for i in 0..300 {
+            let held = n.saturating_sub(i % 7);
+            e.observe(held, store(8.0 * MI, b, held, noise(i, 50.0 * KI)), None);
+            assert!(
+                e.per_request() >= 0.95 * b,
+                "{} at poll {i}",
+                e.per_request()
+            );
+            n = e.ceiling(held, store(8.0 * MI, b, held, 0.0), line);
+        }
+        let headroom = (line - 8.0 * MI) / b;
+        assert!(e.per_request() < 1.1 * b, "{}", e.per_request());
+        assert!(
+            f64::from(n) > 0.9 * headroom && f64::from(n) <= 1.05 * headroom,
+            "{n} vs {headroom}"
+        );
         let mut fixed = Estimator::new(Some(36 * 1024));
         fixed.observe(0, 8.0 * MI, None);
         let c = fixed.ceiling(0, 8.0 * MI, 0.78 * 64.0 * MI);
