@@ -331,6 +331,7 @@ SMOKE_USER_READS_MIN = 0.985
 
 def test_memory_shedding_alone_keeps_the_store_alive_and_serves_users(cases):
     case = cases["guarded"]
+    print(describe(case))
     problems = failures(case, SMOKE_WRITES_MIN, SMOKE_USER_READS_MIN)
     assert not problems, problems
     # It was the memory guard that shed (the surge is far above capacity).
@@ -343,10 +344,11 @@ def test_memory_metrics_are_exported(cases):
                    "sessionguard.memory.ceiling", "sessionguard.memory.bytes_per_request"):
         assert metric in stats, sorted(stats)
     assert stats["sessionguard.memory.sample_age_ms"] < 2000, stats
-    # kask-sim holds ~36 KB per request (up to ~50 KB with a new connection each): below the
-    # prior, which therefore holds (the estimate rises only above it).
+    # kask-sim holds ~36 KB per request (up to ~50 KB with a new connection each), below the
+    # 64 KiB prior: the estimate falls towards it only at a steady load, from above, so it is
+    # never far below it (that would let the store past its line) nor above twice the prior.
     b = stats["sessionguard.memory.bytes_per_request"]
-    assert 64 * 1024 <= b < 128 * 1024, b
+    assert 30 * 1024 <= b < 128 * 1024, b
     ceilings = [f["ceiling"] for f in cases["guarded"]["filter"] if f.get("ceiling")]
     assert ceilings and min(ceilings) >= 8, ceilings
 
