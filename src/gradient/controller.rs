@@ -103,7 +103,11 @@ impl Controller {
         } else if utilised {
             limit * raw.min(GRADIENT_MAX) + limit.sqrt()
         } else {
-            limit
+            // Latency at the baseline and the limit unused: an overload is over. Back
+            // towards the configured limit, never past it: traffic that does not use the
+            // limit cannot raise it, and the next burst would meet a limit a past
+            // overload set (a 3x replay's 46, 7 s after the surge, shed a burst).
+            limit.max(self.start_limit)
         };
         let smoothed = limit * (1.0 - self.smoothing) + proposal * self.smoothing;
         state.limit = if !self.adaptive {

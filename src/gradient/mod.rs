@@ -10,7 +10,7 @@
 //! g      = tolerance * baseline / sample
 //! target = L * max(g, 0.5) + sqrt(L)      capped at L   if g < 1  (latency inflated: shrink)
 //!        = L * min(g, 2.0) + sqrt(L)                     if g >= 1 and peak in-flight >= L/2
-//!        = L                                             otherwise (not using the limit: hold)
+//!        = max(L, start)                                 otherwise (not using the limit)
 //! L      = clamp(L * (1 - smoothing) + target * smoothing, min_limit, max_limit)
 //! ```
 //!
@@ -48,7 +48,9 @@
 //! - **Fast recovery, only when needed.** With latency at the baseline, `g` up to 2
 //!   grows the limit multiplicatively, but only while the window's peak in-flight
 //!   reached half the limit: an idle limit does not drift up to `max_limit`, and in
-//!   steady state the limit settles at about twice the offered concurrency.
+//!   steady state the limit settles at about twice the offered concurrency. A limit an
+//!   overload cut, once traffic no longer uses it and latency is back at the baseline,
+//!   returns towards the configured `limit` (`start` above), never past it.
 //!
 //! # Where the data lives
 //!

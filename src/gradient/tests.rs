@@ -164,6 +164,35 @@ fn idle_limit_does_not_drift_up() {
 }
 
 #[test]
+fn a_limit_an_overload_cut_returns_to_the_configured_one_once_unused() {
+    let ctl = Controller::new(&cfg(256, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    for _ in 0..10 {
+        run(&ctl, &mut st, &mut t, 3.0, 20);
+    }
+    // An overload: latency 10x, the limit full.
+    for _ in 0..20 {
+        let peak = ctl.limit_of(&st);
+        run(&ctl, &mut st, &mut t, 30.0, peak);
+    }
+    let cut = ctl.limit_of(&st);
+    assert!(cut < 100, "{cut}");
+    // Over: latency back at the baseline, 20 in flight (less than half the limit).
+    let mut back = Vec::new();
+    for _ in 0..20 {
+        run(&ctl, &mut st, &mut t, 3.0, 20);
+        back.push(ctl.limit_of(&st));
+    }
+    assert!(back.windows(2).all(|w| w[0] <= w[1]), "{back:?}");
+    assert!(back[6] >= 200, "7 windows after: {back:?}");
+    assert!(
+        back.iter().all(|&l| l <= 256),
+        "never past the configured limit: {back:?}"
+    );
+}
+
+#[test]
 fn latency_step_5x_cuts_the_limit_then_it_recovers() {
     let ctl = Controller::new(&cfg(256, 16, 2048));
     let mut st = ctl.initial_state();
