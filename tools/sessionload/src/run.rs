@@ -279,6 +279,13 @@ struct Dispatched {
 }
 
 impl Dispatcher {
+    /// New sessions whose login was answered join the live set, or are forgotten
+    /// (`Workload::logged_in`, `Tracker::login`).
+    fn settle_logins(&self, workload: &mut Workload) {
+        let mut tracker = self.ctx.tracker();
+        workload.logged_in(|id| tracker.login(id));
+    }
+
     fn dispatch(&mut self, op: Op, prefill: bool, phase: usize, sched: Instant, sched_us: u64) {
         let now = Instant::now();
         let lag_us = micros(now.saturating_duration_since(sched));
@@ -373,8 +380,7 @@ impl Dispatcher {
             {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let tracker = self.ctx.tracker();
-            workload.logged_in(|id| tracker.login(id));
+            self.settle_logins(&mut workload);
         }
 
         let t0 = Instant::now();
@@ -398,8 +404,7 @@ impl Dispatcher {
                     break;
                 }
                 if n.is_multiple_of(LOGIN_CHECK_EVERY) {
-                    let tracker = self.ctx.tracker();
-                    workload.logged_in(|id| tracker.login(id));
+                    self.settle_logins(&mut workload);
                 }
                 let op = workload.next(&mut rng);
                 self.dispatch(op, false, due.phase, at, (due.at_s * 1e6) as u64);

@@ -180,13 +180,18 @@ impl Tracker {
     }
 
     /// Where session `id`'s first write stands: acknowledged, still pending, or
-    /// failed (nothing pending and never acknowledged).
-    pub fn login(&self, id: u64) -> Login {
-        match self.keys.get(&id) {
+    /// failed (nothing pending and never acknowledged). A failed login's key is
+    /// forgotten: the workload drops the session, so no request names it again.
+    pub fn login(&mut self, id: u64) -> Login {
+        let state = match self.keys.get(&id) {
             Some(k) if k.first_ack.is_some() => Login::Acked,
             Some(k) if k.pending > 0 => Login::Pending,
             _ => Login::Failed,
+        };
+        if state == Login::Failed {
+            self.keys.remove(&id);
         }
+        state
     }
 
     /// A GET is about to be sent; returns its send number S.
@@ -365,6 +370,18 @@ mod tests {
             t.get_done(7, Some(s), GetResult::NotFound),
             Verdict::NotFoundOk
         );
+    }
+
+    #[test]
+    fn a_login_is_pending_until_answered_and_a_failed_one_is_forgotten() {
+        let mut t = Tracker::new();
+        send_write(&mut t, 1, 1);
+        send_write(&mut t, 2, 1);
+        assert_eq!((t.login(1), t.login(2)), (Login::Pending, Login::Pending));
+        t.write_done(1, 1, true);
+        t.write_done(2, 1, false);
+        assert_eq!((t.login(1), t.login(2)), (Login::Acked, Login::Failed));
+        assert_eq!(t.tracked_keys(), 1, "the failed login's key is dropped");
     }
 
     #[test]

@@ -421,7 +421,7 @@ impl Workload {
 
     /// Moves the sessions whose login `state` says was acknowledged into the live
     /// set and forgets those whose login failed (the pool has room again).
-    pub fn logged_in(&mut self, state: impl Fn(u64) -> Login) {
+    pub fn logged_in(&mut self, mut state: impl FnMut(u64) -> Login) {
         let versions = &mut self.versions;
         let live = &mut self.live;
         self.logging_in.retain(|&id| match state(id) {
