@@ -265,14 +265,12 @@ impl Estimator {
     /// and the ceiling would follow it up.
     fn learn(&mut self) {
         let before = self.per_request;
-        let rise = self.window_slope().filter(|&slope| slope > before);
-        self.per_request = match (rise, self.steady_cost()) {
-            (Some(slope), _) => slope.min(MAX_BYTES_PER_REQUEST as f64),
-            (None, Some(cost)) if cost < before => {
-                before + FALL_WEIGHT * (cost.max(MIN_BYTES_PER_REQUEST as f64) - before)
-            }
-            _ => before,
-        };
+        if let Some(slope) = self.window_slope().filter(|&slope| slope > before) {
+            self.per_request = slope.min(MAX_BYTES_PER_REQUEST as f64);
+        } else if let Some(cost) = self.steady_cost().filter(|&cost| cost < before) {
+            self.per_request =
+                before + FALL_WEIGHT * (cost.max(MIN_BYTES_PER_REQUEST as f64) - before);
+        }
         if self.per_request != before {
             self.stats.updates = self.stats.updates.saturating_add(1);
         }
