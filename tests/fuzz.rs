@@ -33,7 +33,7 @@ use sessionguard::classify::{classify, Criticality, Op};
 use sessionguard::config::Config;
 use sessionguard::election::{Election, Lease, LEASE_KEY};
 use sessionguard::fingerprint::{init_seed, read_seed, Fingerprinter, SEED_KEY};
-use sessionguard::gradient::{Controller, GradientState, Lane, RttHistogram, GRADIENT_KEY};
+use sessionguard::gradient::{Controller, GradientState, Lane, RttHistogram, Usage, GRADIENT_KEY};
 use sessionguard::guard::negative_cache;
 use sessionguard::header_pairs;
 use sessionguard::keytable::{KeyTable, Layout, OccupancyScan};
@@ -1687,7 +1687,13 @@ fn fuzz_gradient_state() {
             } else {
                 [RttHistogram::new(), h]
             };
-            state.merge(&windows, g.u32());
+            state.merge(
+                &windows,
+                Usage {
+                    peak_in_flight: g.u32(),
+                    denied: g.u32(),
+                },
+            );
             now = now.wrapping_add(g.below(3000));
             let _ = ctl.step(&mut state, now);
             check(&state);

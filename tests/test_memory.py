@@ -198,7 +198,14 @@ class Sampler(threading.Thread):
                                         "age": s.get("sessionguard.memory.sample_age_ms"),
                                         "ceiling": s.get("sessionguard.memory.ceiling"),
                                         "in_flight": s.get("sessionguard.in_flight"),
-                                        "per_request": s.get("sessionguard.memory.bytes_per_request")})
+                                        "per_request": s.get("sessionguard.memory.bytes_per_request"),
+                                        "limit": s.get("sessionguard.limit"),
+                                        "rtt_us": (s.get("sessionguard.min_rtt_us"),
+                                                   s.get("sessionguard.sample_rtt_us")),
+                                        "rejection": s.get("sessionguard.admission.rejection_permille"),
+                                        "shed": {r: sum(s.get(f"sessionguard.shed.{r}.{c}", 0)
+                                                        for c in ("critical", "sheddable"))
+                                                 for r in ("concurrency", "admission", "memory")}})
                 except OSError:
                     pass
             self.done.wait(max(0.0, SAMPLE_EVERY_S - (time.time() - t)))
@@ -369,8 +376,10 @@ def describe(r: dict) -> str:
 def print_series(r: dict) -> None:
     print("   per second (t sent ok shed err):",
           " ".join(f"{s['t']}:{s['sent']}/{s['ok']}/{s['shed']}/{s['error']}" for s in r["seconds"]))
-    print("   filter (t ceiling in_flight per_request ratio):", " ".join(
+    print("   filter (t ceiling in_flight per_request ratio limit rejection shed c/a/m rtt:min,sample):", " ".join(
         f"{f['t']:.1f}:{f.get('ceiling')}/{f.get('in_flight')}/{f.get('per_request')}/{f.get('ratio')}"
+        f"/{f.get('limit')}/{f.get('rejection')}/" + "/".join(str(v) for v in (f.get("shed") or {}).values())
+        + "/rtt:" + ",".join(str(v) for v in (f.get("rtt_us") or ()))
         for f in r["filter"]))
 
 

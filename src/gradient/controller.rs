@@ -1,6 +1,6 @@
 //! The gradient step: pure arithmetic on a [`GradientState`], no store.
 
-use super::state::{GradientState, LaneState};
+use super::state::{GradientState, LaneState, Usage};
 use super::{BASELINE_RISE_PER_WINDOW, GRADIENT_MAX, GRADIENT_MIN, MIN_SAMPLES, SAMPLE_PERCENTILE};
 use crate::limiter::config::{ConcurrencyConfig, LimitMode};
 use crate::wire::f64_to_u32;
@@ -81,6 +81,8 @@ impl Controller {
             return Step::NotDue;
         }
         state.last_step_ms = now_ms;
+        // Before the evaluation empties the windows.
+        let turning_away = state.usage.turns_away(state.pending_samples());
         let mut decided: Option<(f64, usize)> = None;
         for (i, lane) in state.lanes.iter_mut().enumerate() {
             if let Some(raw) = self.evaluate(lane) {
@@ -97,17 +99,26 @@ impl Controller {
         } else {
             self.start_limit
         };
-        let utilised = f64::from(state.peak_in_flight) >= limit * 0.5;
+        let utilised = f64::from(state.usage.peak_in_flight) >= limit * 0.5;
         let proposal = if raw < 1.0 {
             (limit * raw.max(GRADIENT_MIN) + limit.sqrt()).min(limit)
-        } else if utilised {
-            limit * raw.min(GRADIENT_MAX) + limit.sqrt()
         } else {
-            // Latency at the baseline and the limit unused: an overload is over. Back
-            // towards the configured limit, never past it: traffic that does not use the
-            // limit cannot raise it, and the next burst would meet a limit a past
-            // overload set (a 3x replay's 46, 7 s after the surge, shed a burst).
-            limit.max(self.start_limit)
+            // Traffic that does not use the limit cannot raise it past the configured one.
+            let target = if utilised {
+                limit * raw.min(GRADIENT_MAX) + limit.sqrt()
+            } else {
+                limit
+            };
+            // Latency at the baseline and the limit not turning demand away (or unused):
+            // an overload is over, and the limit it set heads back to the configured
+            // one. Growing it by the gradient alone took 5-7 s after a 3x surge, at a
+            // limit (28-46) the calm load's own bursts reach: a burst 4-7 s after the
+            // surge was shed. A limit turning demand away grows by the gradient only.
+            if utilised && turning_away {
+                target
+            } else {
+                target.max(self.start_limit)
+            }
         };
         let smoothed = limit * (1.0 - self.smoothing) + proposal * self.smoothing;
         state.limit = if !self.adaptive {
@@ -122,7 +133,7 @@ impl Controller {
             state.sample_ms = l.sample_ms;
         }
         state.gradient = raw.clamp(GRADIENT_MIN, GRADIENT_MAX);
-        state.peak_in_flight = 0;
+        state.usage = Usage::default();
         Step::Updated
     }
 

@@ -9,7 +9,9 @@
 //! ```text
 //! g      = tolerance * baseline / sample
 //! target = L * max(g, 0.5) + sqrt(L)      capped at L   if g < 1  (latency inflated: shrink)
-//!        = L * min(g, 2.0) + sqrt(L)                     if g >= 1 and peak in-flight >= L/2
+//!        = L * min(g, 2.0) + sqrt(L)                     if g >= 1, peak in-flight >= L/2
+//!                                                           and the limit turned away > 5%
+//!        = max(L * min(g, 2.0) + sqrt(L), start)          if g >= 1, peak >= L/2, <= 5% turned away
 //!        = max(L, start)                                 otherwise (not using the limit)
 //! L      = clamp(L * (1 - smoothing) + target * smoothing, min_limit, max_limit)
 //! ```
@@ -49,8 +51,11 @@
 //!   grows the limit multiplicatively, but only while the window's peak in-flight
 //!   reached half the limit: an idle limit does not drift up to `max_limit`, and in
 //!   steady state the limit settles at about twice the offered concurrency. A limit an
-//!   overload cut, once traffic no longer uses it and latency is back at the baseline,
-//!   returns towards the configured `limit` (`start` above), never past it.
+//!   overload cut, once latency is back at the baseline and the limit turns away at
+//!   most [`BURST_SHARE`] of a window's requests, returns towards the configured
+//!   `limit` (`start` above): after a surge, the calm load's own bursts (a stalled
+//!   proxy, a GC pause) reach a limit the surge set, and growing it by the gradient
+//!   alone took seconds.
 //!
 //! # Where the data lives
 //!
@@ -60,7 +65,7 @@
 //! the same CAS update, so the window it consumes and the state it writes are one
 //! atomic change. Every worker reads the limit back on its tick and caches it.
 //!
-//! `GRADIENT_KEY` layout (little-endian, 1,248 bytes):
+//! `GRADIENT_KEY` layout (little-endian, 1,252 bytes):
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -71,12 +76,13 @@
 //! | 28 | 8 | gradient of the last step (f64, clamped to [0.5, 2]) |
 //! | 36 | 8 | last step time, ms (u64) |
 //! | 44 | 4 | peak global in-flight seen during the window (u32) |
-//! | 48 + 600·l | 8 | lane l (0 reads, 1 writes): baseline RTT ms (f64; NaN = not learned yet) |
-//! | 56 + 600·l | 8 | lane l: median of its last evaluated window (f64) |
-//! | 64 + 600·l | 4 | lane l: ring position (u32) |
-//! | 68 + 600·l | 4 | lane l: windows folded into the current ring slot (u32) |
-//! | 72 + 600·l | 64 | lane l: ring, 8 × f64 window-median minima (NaN = empty) |
-//! | 136 + 600·l | 512 | lane l: RTT histogram of the current window, 128 × u32 counts |
+//! | 48 | 4 | requests the limit turned away during the window (u32, saturating) |
+//! | 52 + 600·l | 8 | lane l (0 reads, 1 writes): baseline RTT ms (f64; NaN = not learned yet) |
+//! | 60 + 600·l | 8 | lane l: median of its last evaluated window (f64) |
+//! | 68 + 600·l | 4 | lane l: ring position (u32) |
+//! | 72 + 600·l | 4 | lane l: windows folded into the current ring slot (u32) |
+//! | 76 + 600·l | 64 | lane l: ring, 8 × f64 window-median minima (NaN = empty) |
+//! | 140 + 600·l | 512 | lane l: RTT histogram of the current window, 128 × u32 counts |
 //!
 //! Anything else (other length, other magic) decodes as "no state" and is
 //! overwritten with a fresh state starting at the configured `limit`.
@@ -90,12 +96,12 @@ mod state;
 
 pub use controller::{Controller, Step};
 pub use histogram::RttHistogram;
-pub use state::{GradientState, LaneState};
+pub use state::{GradientState, LaneState, Usage};
 
 /// The shared key holding the controller state and the current RTT window.
-pub const GRADIENT_KEY: &str = "sg.v1.gradient";
+pub const GRADIENT_KEY: &str = "sg.v2.gradient";
 
-const MAGIC: [u8; 4] = *b"SGg2";
+const MAGIC: [u8; 4] = *b"SGg3";
 
 /// Number of histogram buckets.
 pub const BUCKETS: usize = 128;
@@ -113,11 +119,16 @@ pub const RING_SLOTS: usize = 8;
 pub const SLOT_WINDOWS: u32 = 8;
 /// Upward drift of the baseline per window once the ring has forgotten a lower value.
 pub const BASELINE_RISE_PER_WINDOW: f64 = 0.05;
+/// A window whose limit turned away at most this share of its requests met bursts,
+/// not demand above the limit: after a surge, a calm load's own bursts (a stalled
+/// proxy, a GC pause) reach a limit the surge cut, and 3-14 of ~1,350 requests a
+/// second were turned away; a surge turns away a third or more.
+pub const BURST_SHARE: f64 = 0.05;
 const GRADIENT_MIN: f64 = 0.5;
 const GRADIENT_MAX: f64 = 2.0;
 
 const LANE_LEN: usize = 8 * 2 + 4 * 2 + 8 * RING_SLOTS + 4 * BUCKETS;
-const STATE_LEN: usize = 4 + 8 * 4 + 8 + 4 + LANE_LEN * LANES;
+const STATE_LEN: usize = 4 + 8 * 4 + 8 + 4 * 2 + LANE_LEN * LANES;
 
 /// Which latency a request's RTT is judged against: reads and writes of a store
 /// can differ by orders of magnitude (a Cassandra read vs an in-memory write), so
@@ -166,7 +177,7 @@ pub struct Published {
 /// (if it has anything), run the step if `is_leader` and it is due, and read back
 /// what to enforce.
 ///
-/// On success the caller clears its local window and peak (they are in shared data
+/// On success the caller clears its local window and usage (they are in shared data
 /// now). On `Err` nothing was written; the caller keeps its local window and retries
 /// on the next tick, so no sample is lost to contention.
 ///
@@ -179,7 +190,7 @@ pub fn sync<S: SharedStore + ?Sized>(
     cas_attempts: u32,
     ctl: &Controller,
     local: &Windows,
-    local_peak: u32,
+    local_usage: Usage,
     is_leader: bool,
     now_ms: u64,
 ) -> Result<Published, UpdateError> {
@@ -189,8 +200,9 @@ pub fn sync<S: SharedStore + ?Sized>(
         let decoded = current.and_then(GradientState::decode);
         let fresh = decoded.is_none();
         let mut state = decoded.unwrap_or_else(|| ctl.initial_state());
-        let has_local = local.iter().any(|w| !w.is_empty()) || local_peak > state.peak_in_flight;
-        state.merge(local, local_peak);
+        let before = state.usage;
+        state.merge(local, local_usage);
+        let has_local = local.iter().any(|w| !w.is_empty()) || state.usage != before;
         let step = if is_leader {
             ctl.step(&mut state, now_ms)
         } else {

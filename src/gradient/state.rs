@@ -3,7 +3,8 @@
 
 use super::histogram::RttHistogram;
 use super::{
-    Windows, GRADIENT_MAX, GRADIENT_MIN, LANES, MAGIC, RING_SLOTS, SLOT_WINDOWS, STATE_LEN,
+    Windows, BURST_SHARE, GRADIENT_MAX, GRADIENT_MIN, LANES, MAGIC, RING_SLOTS, SLOT_WINDOWS,
+    STATE_LEN,
 };
 use crate::wire::Reader;
 
@@ -115,6 +116,31 @@ pub(super) fn sane(v: f64) -> f64 {
     }
 }
 
+/// What a window saw of the limit's use, besides its RTTs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// The highest global in-flight count seen.
+    pub peak_in_flight: u32,
+    /// Requests the concurrency limit turned away (or would have, in shadow mode).
+    pub denied: u32,
+}
+
+impl Usage {
+    /// Folds another window's usage into this one.
+    pub fn merge(&mut self, other: Usage) {
+        self.peak_in_flight = self.peak_in_flight.max(other.peak_in_flight);
+        self.denied = self.denied.saturating_add(other.denied);
+    }
+
+    /// Whether the limit turned away more than [`BURST_SHARE`] of the window's
+    /// requests (`answered` = those admitted and answered): demand above the limit,
+    /// not a burst reaching it.
+    pub fn turns_away(&self, answered: u64) -> bool {
+        let denied = f64::from(self.denied);
+        denied > BURST_SHARE * (denied + answered as f64)
+    }
+}
+
 /// The controller state shared by all workers (see the module docs for the layout).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradientState {
@@ -124,7 +150,7 @@ pub struct GradientState {
     pub sample_ms: f64,
     pub gradient: f64,
     pub last_step_ms: u64,
-    pub peak_in_flight: u32,
+    pub usage: Usage,
     pub lanes: [LaneState; LANES],
 }
 
@@ -137,7 +163,7 @@ impl GradientState {
             sample_ms: f64::NAN,
             gradient: 1.0,
             last_step_ms: 0,
-            peak_in_flight: 0,
+            usage: Usage::default(),
             lanes: [LaneState::initial(), LaneState::initial()],
         }
     }
@@ -149,7 +175,8 @@ impl GradientState {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&self.last_step_ms.to_le_bytes());
-        out.extend_from_slice(&self.peak_in_flight.to_le_bytes());
+        out.extend_from_slice(&self.usage.peak_in_flight.to_le_bytes());
+        out.extend_from_slice(&self.usage.denied.to_le_bytes());
         for lane in &self.lanes {
             lane.encode(&mut out);
         }
@@ -172,7 +199,10 @@ impl GradientState {
         let sample_ms = sane(r.f64()?);
         let gradient = r.f64()?;
         let last_step_ms = r.u64()?;
-        let peak_in_flight = r.u32()?;
+        let usage = Usage {
+            peak_in_flight: r.u32()?,
+            denied: r.u32()?,
+        };
         let lanes = [LaneState::decode(&mut r)?, LaneState::decode(&mut r)?];
         if !r.is_done() {
             return None;
@@ -187,17 +217,17 @@ impl GradientState {
                 1.0
             },
             last_step_ms,
-            peak_in_flight,
+            usage,
             lanes,
         })
     }
 
     /// Folds one worker's windows into the shared ones.
-    pub fn merge(&mut self, samples: &Windows, peak_in_flight: u32) {
+    pub fn merge(&mut self, samples: &Windows, usage: Usage) {
         for (lane, w) in self.lanes.iter_mut().zip(samples) {
             lane.window.merge(w);
         }
-        self.peak_in_flight = self.peak_in_flight.max(peak_in_flight);
+        self.usage.merge(usage);
     }
 
     /// Samples waiting in the lanes' windows.

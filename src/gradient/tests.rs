@@ -33,9 +33,28 @@ fn window(median_ms: f64, n: u32) -> Windows {
     reads(spread(median_ms, n))
 }
 
-/// Runs one interval: the window's samples and the peak in-flight seen.
-fn run(ctl: &Controller, st: &mut GradientState, t: &mut u64, rtt: f64, peak: u32) -> Step {
-    st.merge(&window(rtt, 200), peak);
+/// What a window shows when `offered` requests want to be in flight: the limit holds
+/// the peak, and turns the rest away.
+fn usage(ctl: &Controller, st: &GradientState, offered: u32) -> Usage {
+    let limit = ctl.limit_of(st);
+    Usage {
+        peak_in_flight: offered.min(limit),
+        denied: offered.saturating_sub(limit),
+    }
+}
+
+/// A peak of `n` in flight, nobody turned away.
+fn peak(n: u32) -> Usage {
+    Usage {
+        peak_in_flight: n,
+        denied: 0,
+    }
+}
+
+/// Runs one interval: the window's samples, with `offered` requests wanting to be in flight.
+fn run(ctl: &Controller, st: &mut GradientState, t: &mut u64, rtt: f64, offered: u32) -> Step {
+    let u = usage(ctl, st, offered);
+    st.merge(&window(rtt, 200), u);
     *t += ctl.interval_ms();
     ctl.step(st, *t)
 }
@@ -79,7 +98,7 @@ fn nan_inf_negative_and_zero_rtts_are_safe() {
         for _ in 0..100 {
             zeros.record(0.0);
         }
-        st.merge(&reads(zeros), 100);
+        st.merge(&reads(zeros), peak(100));
         t += 1000;
         ctl.step(&mut st, t);
         assert!(st.limit.is_finite() && (10.0..=1000.0).contains(&st.limit));
@@ -105,13 +124,17 @@ fn state_roundtrips_and_garbage_decodes_as_none() {
     let mut st = ctl.initial_state();
     let mut t = 0;
     run(&ctl, &mut st, &mut t, 5.0, 80);
-    st.merge(&window(7.0, 30), 12);
+    let seen = Usage {
+        peak_in_flight: 12,
+        denied: 3,
+    };
+    st.merge(&window(7.0, 30), seen);
     let bytes = st.encode();
     assert_eq!(bytes.len(), STATE_LEN);
     let back = GradientState::decode(&bytes).unwrap();
     assert_eq!(back.limit, st.limit);
     assert_eq!(back.encode(), bytes, "NaNs and all");
-    assert_eq!(back.peak_in_flight, 12);
+    assert_eq!(back.usage, seen);
     assert_eq!(GradientState::decode(&bytes[..bytes.len() - 1]), None);
     assert_eq!(GradientState::decode(b"garbage"), None);
     let mut wrong_magic = bytes.clone();
@@ -120,8 +143,8 @@ fn state_roundtrips_and_garbage_decodes_as_none() {
     // NaN limit and out-of-range ring position are repaired, not trusted.
     let mut nan = bytes.clone();
     nan[4..12].copy_from_slice(&f64::NAN.to_le_bytes());
-    // Lane 0 starts at byte 48: baseline, sample, then its ring position.
-    nan[64..68].copy_from_slice(&u32::MAX.to_le_bytes());
+    // Lane 0 starts at byte 52: baseline, sample, then its ring position.
+    nan[68..72].copy_from_slice(&u32::MAX.to_le_bytes());
     let repaired = GradientState::decode(&nan).unwrap();
     assert_eq!(repaired.lanes[0].ring_pos, 0);
     assert_eq!(ctl.limit_of(&repaired), 100);
@@ -142,8 +165,8 @@ fn steady_latency_never_cuts_the_limit_below_offered_concurrency() {
         for j in 0..200 {
             h.record(if j % 3 == 0 { 20.0 } else { 2.0 } * (1.0 + f64::from(j % 7) / 10.0));
         }
-        let peak = 150.min(ctl.limit_of(&st));
-        st.merge(&reads(h), peak);
+        let u = usage(&ctl, &st, 150);
+        st.merge(&reads(h), u);
         t += 1000;
         ctl.step(&mut st, t);
         assert!(ctl.limit_of(&st) >= 150, "window {i}: limit {}", st.limit);
@@ -163,19 +186,73 @@ fn idle_limit_does_not_drift_up() {
     assert_eq!(ctl.limit_of(&st), 100);
 }
 
-#[test]
-fn a_limit_an_overload_cut_returns_to_the_configured_one_once_unused() {
+/// A limit cut by an overload (10x latency, twice the limit offered) after a calm start
+/// at 3 ms with 20 in flight; returns the controller, the state and the clock.
+fn cut_by_an_overload() -> (Controller, GradientState, u64) {
     let ctl = Controller::new(&cfg(256, 16, 2048));
     let mut st = ctl.initial_state();
     let mut t = 0;
     for _ in 0..10 {
         run(&ctl, &mut st, &mut t, 3.0, 20);
     }
-    // An overload: latency 10x, the limit full.
     for _ in 0..20 {
-        let peak = ctl.limit_of(&st);
-        run(&ctl, &mut st, &mut t, 30.0, peak);
+        let offered = 2 * ctl.limit_of(&st);
+        run(&ctl, &mut st, &mut t, 30.0, offered);
     }
+    (ctl, st, t)
+}
+
+#[test]
+fn after_an_overload_a_limit_that_only_meets_bursts_returns_to_the_configured_one() {
+    let (ctl, mut st, mut t) = cut_by_an_overload();
+    let cut = ctl.limit_of(&st);
+    assert!(cut < 60, "{cut}");
+    // The calm load after a surge: latency a little above the baseline (g ≈ 1.4), and
+    // bursts that reach the limit: 3 of a window's ~200 requests are turned away.
+    let calm = 4.2;
+    let mut calm_state = st.clone();
+    let mut back = Vec::new();
+    for _ in 0..7 {
+        let burst = ctl.limit_of(&calm_state) + 3;
+        run(&ctl, &mut calm_state, &mut t, calm, burst);
+        back.push(ctl.limit_of(&calm_state));
+    }
+    assert!(
+        back[0] >= cut + 40,
+        "the first calm window: {cut} -> {back:?}"
+    );
+    assert!(back[6] >= 200, "7 windows after: {back:?}");
+    assert!(back.iter().all(|&l| l <= 256), "{back:?}");
+    // The same latency while the limit turns away demand (twice the limit offered):
+    // it grows by the gradient only.
+    let mut busy = Vec::new();
+    for _ in 0..7 {
+        let offered = 2 * ctl.limit_of(&st);
+        run(&ctl, &mut st, &mut t, calm, offered);
+        busy.push(ctl.limit_of(&st));
+    }
+    assert!(busy.windows(2).all(|w| w[0] <= w[1]), "{busy:?}");
+    assert!(busy[0] <= cut + cut / 4, "from {cut}: {busy:?}");
+    assert!(busy[2] < back[2] / 2, "busy {busy:?}, calm {back:?}");
+}
+
+#[test]
+fn a_window_turns_demand_away_only_past_the_burst_share() {
+    let u = |denied| Usage {
+        peak_in_flight: 30,
+        denied,
+    };
+    assert!(!u(0).turns_away(1000));
+    assert!(!u(50).turns_away(950), "5% is a burst");
+    assert!(u(51).turns_away(950));
+    assert!(u(1).turns_away(0), "all turned away");
+    assert!(u(u32::MAX).turns_away(0));
+    assert!(!u(u32::MAX).turns_away(u64::MAX), "no overflow");
+}
+
+#[test]
+fn a_limit_an_overload_cut_returns_to_the_configured_one_once_unused() {
+    let (ctl, mut st, mut t) = cut_by_an_overload();
     let cut = ctl.limit_of(&st);
     assert!(cut < 100, "{cut}");
     // Over: latency back at the baseline, 20 in flight (less than half the limit).
@@ -200,15 +277,13 @@ fn latency_step_5x_cuts_the_limit_then_it_recovers() {
     // Offered concurrency follows Little's law: 50 requests/ms-ish of load.
     let offered = |rtt: f64| (40.0 * rtt) as u32;
     for _ in 0..30 {
-        let peak = offered(4.0).min(ctl.limit_of(&st));
-        run(&ctl, &mut st, &mut t, 4.0, peak);
+        run(&ctl, &mut st, &mut t, 4.0, offered(4.0));
     }
     let before = ctl.limit_of(&st);
     assert!(before >= 160, "{before}");
     let mut low = before;
     for _ in 0..30 {
-        let peak = offered(20.0).min(ctl.limit_of(&st));
-        run(&ctl, &mut st, &mut t, 20.0, peak);
+        run(&ctl, &mut st, &mut t, 20.0, offered(20.0));
         low = low.min(ctl.limit_of(&st));
     }
     assert!(low <= before / 4, "limit only fell to {low} from {before}");
@@ -217,8 +292,7 @@ fn latency_step_5x_cuts_the_limit_then_it_recovers() {
     assert!(st.baseline_ms < 5.0, "{}", st.baseline_ms);
     let mut recovered_at = None;
     for i in 0..60 {
-        let peak = offered(4.0).min(ctl.limit_of(&st));
-        run(&ctl, &mut st, &mut t, 4.0, peak);
+        run(&ctl, &mut st, &mut t, 4.0, offered(4.0));
         if recovered_at.is_none() && ctl.limit_of(&st) >= offered(4.0) {
             recovered_at = Some(i);
         }
@@ -286,14 +360,15 @@ fn pinned_min_rtt_is_used_and_fixed_mode_holds_the_limit() {
 fn sparse_windows_accumulate_until_enough_samples() {
     let ctl = Controller::new(&cfg(100, 10, 1000));
     let mut st = ctl.initial_state();
-    st.merge(&window(5.0, 10), 90);
-    assert_eq!(ctl.step(&mut st, 1000), Step::TooFewSamples);
-    assert_eq!(ctl.step(&mut st, 1500), Step::NotDue);
-    st.merge(&window(5.0, 10), 90);
-    assert_eq!(ctl.step(&mut st, 2000), Step::Updated);
+    let i = ctl.interval_ms();
+    st.merge(&window(5.0, 10), peak(90));
+    assert_eq!(ctl.step(&mut st, 2 * i), Step::TooFewSamples);
+    assert_eq!(ctl.step(&mut st, 2 * i + i / 2), Step::NotDue);
+    st.merge(&window(5.0, 10), peak(90));
+    assert_eq!(ctl.step(&mut st, 3 * i), Step::Updated);
     assert!(st.lanes[0].window.is_empty());
     // A clock that jumps backwards makes a step due instead of stalling.
-    st.merge(&window(5.0, 30), 90);
+    st.merge(&window(5.0, 30), peak(90));
     assert_eq!(ctl.step(&mut st, 10), Step::Updated);
 }
 
@@ -302,28 +377,48 @@ fn sync_merges_workers_and_only_the_leader_steps() {
     let store = MemStore::new();
     let ctl = Controller::new(&cfg(100, 10, 1000));
     let w = window(5.0, 15);
-    let p = sync(&store, 8, &ctl, &w, 60, false, 1000).unwrap();
+    let p = sync(&store, 8, &ctl, &w, peak(60), false, 1000).unwrap();
     assert_eq!(p.limit, 100);
     assert!(!p.stepped);
-    let p = sync(&store, 8, &ctl, &w, 70, false, 1000).unwrap();
+    let busy = Usage {
+        peak_in_flight: 70,
+        denied: 4,
+    };
+    let p = sync(&store, 8, &ctl, &w, busy, false, 1000).unwrap();
     assert!(!p.stepped);
     let (bytes, _) = store.get(GRADIENT_KEY).unwrap();
     let st = GradientState::decode(&bytes).unwrap();
     assert_eq!(st.pending_samples(), 30);
-    assert_eq!(st.peak_in_flight, 70);
+    assert_eq!(
+        st.usage,
+        Usage {
+            peak_in_flight: 70,
+            denied: 4
+        },
+        "peaks merge as a maximum, denials add up"
+    );
     // A reader with nothing to merge does not write.
     let writes = store.writes();
-    sync(&store, 8, &ctl, &Windows::default(), 0, false, 1500).unwrap();
+    sync(
+        &store,
+        8,
+        &ctl,
+        &Windows::default(),
+        Usage::default(),
+        false,
+        1500,
+    )
+    .unwrap();
     assert_eq!(store.writes(), writes);
     // The leader steps once per interval, whoever else also claims to lead.
     let empty = Windows::default();
     assert!(
-        sync(&store, 8, &ctl, &empty, 0, true, 2000)
+        sync(&store, 8, &ctl, &empty, Usage::default(), true, 2000)
             .unwrap()
             .stepped
     );
     assert!(
-        !sync(&store, 8, &ctl, &empty, 0, true, 2000)
+        !sync(&store, 8, &ctl, &empty, Usage::default(), true, 2000)
             .unwrap()
             .stepped
     );
@@ -339,11 +434,20 @@ fn sync_overwrites_garbage_and_reports_contention() {
     store
         .set(GRADIENT_KEY, b"\x01\x02old version", None)
         .unwrap();
-    let p = sync(&store, 4, &ctl, &Windows::default(), 0, false, 0).unwrap();
+    let p = sync(
+        &store,
+        4,
+        &ctl,
+        &Windows::default(),
+        Usage::default(),
+        false,
+        0,
+    )
+    .unwrap();
     assert_eq!(p.limit, 100);
     assert!(GradientState::decode(&store.get(GRADIENT_KEY).unwrap().0).is_some());
     store.set_interference(|_| true);
-    let r = sync(&store, 4, &ctl, &window(3.0, 5), 1, false, 0);
+    let r = sync(&store, 4, &ctl, &window(3.0, 5), peak(1), false, 0);
     assert_eq!(r, Err(UpdateError::Contended));
 }
 
@@ -370,7 +474,8 @@ fn lanes(
                 RttHistogram::new()
             },
         ];
-        st.merge(&w, ctl.limit_of(st));
+        let u = usage(ctl, st, ctl.limit_of(st));
+        st.merge(&w, u);
         *t += ctl.interval_ms();
         ctl.step(st, *t);
     }

@@ -108,7 +108,7 @@ pub use table::{read_in_flight, InFlight, INFLIGHT_KEY, MAX_SLOTS, MIN_STALE_MS}
 use table::{scan, write_mine, HEADER_LEN, SLOT_LEN};
 
 use crate::classify::Criticality;
-use crate::gradient::{Controller, Windows};
+use crate::gradient::{Controller, Usage, Windows};
 use crate::outcome::Completion;
 use crate::shared::{SetError, SharedStore};
 
@@ -252,7 +252,7 @@ pub struct Limiter {
     others_seen: InFlight,
     slots_seen: u32,
     windows: Windows,
-    peak: u32,
+    usage: Usage,
     shed_ewma: f64,
     stats: LimiterStats,
 }
@@ -285,7 +285,7 @@ impl Limiter {
             others_seen: InFlight::default(),
             slots_seen: 0,
             windows: Windows::default(),
-            peak: 0,
+            usage: Usage::default(),
             shed_ewma: 0.0,
             stats: LimiterStats {
                 min_rtt_ms: f64::NAN,
@@ -384,7 +384,7 @@ impl Limiter {
             return false;
         }
         self.local = want;
-        self.peak = self.peak.max(self.others_seen.plus(stored).total());
+        self.note_in_flight(self.others_seen.plus(stored).total());
         self.stats.acquires_reused += 1;
         true
     }
@@ -423,6 +423,18 @@ impl Limiter {
         }
     }
 
+    fn note_in_flight(&mut self, total: u32) {
+        self.usage.peak_in_flight = self.usage.peak_in_flight.max(total);
+    }
+
+    /// A request the concurrency limit turned away tells the controller the limit is
+    /// in use; one the memory ceiling turned away says nothing about the limit.
+    fn note_denied(&mut self, bound: Bound) {
+        if bound == Bound::Concurrency {
+            self.usage.denied = self.usage.denied.saturating_add(1);
+        }
+    }
+
     fn note_decision(&mut self, shed: bool) {
         let x = if shed { 1.0 } else { 0.0 };
         self.shed_ewma += (x - self.shed_ewma) * SHED_EWMA_WEIGHT;
@@ -430,6 +442,7 @@ impl Limiter {
 
     fn shed(&mut self, crit: Criticality, bound: Bound) -> Acquire {
         self.note_decision(true);
+        self.note_denied(bound);
         let severity = match crit {
             Criticality::Critical => {
                 self.stats.shed_critical += 1;
@@ -478,7 +491,7 @@ impl Limiter {
             let fits = self.fits(total, crit);
             last_fit = fits;
             if let (Err(bound), true) = (fits, self.enforce) {
-                self.peak = self.peak.max(total.total());
+                self.note_in_flight(total.total());
                 return self.shed(crit, bound);
             }
             if !write_mine(&mut buf, scanned, self.id, now_ms, want) {
@@ -490,7 +503,11 @@ impl Limiter {
                     self.local = want;
                     self.set_dirty(false);
                     self.seen(others, buf.len().saturating_sub(HEADER_LEN) / SLOT_LEN);
-                    self.peak = self.peak.max(others.plus(want).total());
+                    self.note_in_flight(others.plus(want).total());
+                    if let Err(bound) = fits {
+                        // Shadow mode: counted as if it had been turned away.
+                        self.note_denied(bound);
+                    }
                     return self.admitted(crit, fits.is_ok());
                 }
                 Err(SetError::CasMismatch) => continue,
@@ -506,6 +523,9 @@ impl Limiter {
         let admit_untracked = !self.enforce || (crit == Criticality::Critical && last_fit.is_ok());
         if !admit_untracked {
             return self.shed(crit, last_fit.err().unwrap_or(Bound::Concurrency));
+        }
+        if let Err(bound) = last_fit {
+            self.note_denied(bound);
         }
         self.local = want;
         self.set_dirty(true);

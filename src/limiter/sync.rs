@@ -6,7 +6,7 @@ use super::table::{
     SLOT_LEN,
 };
 use super::Limiter;
-use crate::gradient::{self, Windows};
+use crate::gradient::{self, Usage, Windows};
 use crate::shared::{update, SetError, SharedStore};
 use crate::wire::{u32_at, u64_at};
 
@@ -88,13 +88,13 @@ impl Limiter {
             self.attempts,
             &self.controller,
             &self.windows,
-            self.peak,
+            self.usage,
             is_leader,
             now_ms,
         ) {
             Ok(p) => {
                 self.windows = Windows::default();
-                self.peak = 0;
+                self.usage = Usage::default();
                 self.set_limit(p.limit);
                 self.stats.min_rtt_ms = p.baseline_ms;
                 self.stats.sample_rtt_ms = p.sample_ms;

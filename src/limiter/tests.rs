@@ -442,6 +442,66 @@ fn shadow_mode_admits_and_counts() {
 }
 
 #[test]
+fn the_controller_learns_what_the_limit_turned_away_and_not_what_memory_did() {
+    use crate::gradient::{GradientState, Usage, GRADIENT_KEY};
+    let usage = |store: &MemStore| {
+        let (bytes, _) = store.get(GRADIENT_KEY).expect("synced");
+        GradientState::decode(&bytes).expect("our layout").usage
+    };
+    let store = MemStore::new();
+    let mut l = Limiter::new(&fixed(2, 1.0), 8, 1);
+    let held: Vec<_> = (0..2).map(|_| ok(l.try_acquire(&store, S, 0))).collect();
+    for _ in 0..3 {
+        assert!(matches!(
+            l.try_acquire(&store, S, 0),
+            Acquire::Shed {
+                bound: Bound::Concurrency,
+                ..
+            }
+        ));
+    }
+    l.set_memory_ceiling(Some(1));
+    assert!(matches!(
+        l.try_acquire(&store, C, 0),
+        Acquire::Shed {
+            bound: Bound::Memory,
+            ..
+        }
+    ));
+    l.tick(&store, 10, false);
+    assert_eq!(
+        usage(&store),
+        Usage {
+            peak_in_flight: 2,
+            denied: 3
+        }
+    );
+    for p in held {
+        l.release(&store, p, done(1.0), 11);
+    }
+
+    // In shadow mode the requests it would have turned away count the same.
+    let store = MemStore::new();
+    let mut cfg = fixed(1, 1.0);
+    cfg.enforce = false;
+    let mut l = Limiter::new(&cfg, 8, 1);
+    let held: Vec<_> = (0..3)
+        .map(|_| shadow_or_ok(l.try_acquire(&store, S, 0)))
+        .collect();
+    l.tick(&store, 10, false);
+    assert_eq!(
+        usage(&store),
+        Usage {
+            peak_in_flight: 3,
+            denied: 2
+        }
+    );
+    for p in held {
+        l.release(&store, p, done(1.0), 11);
+    }
+}
+
+#[test]
 fn disabled_limiter_never_touches_the_store() {
     let store = MemStore::new();
     let mut cfg = fixed(1, 1.0);
