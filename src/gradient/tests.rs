@@ -237,6 +237,36 @@ fn after_an_overload_a_limit_that_only_meets_bursts_returns_to_the_configured_on
 }
 
 #[test]
+fn the_end_of_an_overload_is_acted_on_half_an_interval_in() {
+    let (ctl, st, t) = cut_by_an_overload();
+    let cut = ctl.limit_of(&st);
+    let half = t + ctl.interval_ms() / 2;
+    let early = |rtt: f64, offered: u32| {
+        let mut s = st.clone();
+        let u = usage(&ctl, &s, offered);
+        s.merge(&window(rtt, 200), u);
+        let before = (ctl.step(&mut s.clone(), half - 1), ctl.step(&mut s, half));
+        (before, ctl.limit_of(&s))
+    };
+    // Calm: latency near the baseline, a burst or two turned away.
+    let ((too_soon, step), limit) = early(4.2, cut + 3);
+    assert_eq!((too_soon, step), (Step::NotDue, Step::Updated));
+    assert!(limit >= cut + 40, "{cut} -> {limit}");
+    // Still overloaded: the step waits for the whole interval.
+    assert_eq!(early(30.0, cut + 3).0 .1, Step::NotDue, "latency inflated");
+    assert_eq!(early(4.2, 2 * cut).0 .1, Step::NotDue, "demand turned away");
+    // At the configured limit there is nothing to recover: steady state keeps its pace.
+    let ctl = Controller::new(&cfg(256, 16, 2048));
+    let mut st = ctl.initial_state();
+    let mut t = 0;
+    for _ in 0..5 {
+        run(&ctl, &mut st, &mut t, 3.0, 20);
+    }
+    st.merge(&window(3.0, 200), peak(20));
+    assert_eq!(ctl.step(&mut st, t + ctl.interval_ms() / 2), Step::NotDue);
+}
+
+#[test]
 fn a_window_turns_demand_away_only_past_the_burst_share() {
     let u = |denied| Usage {
         peak_in_flight: 30,
