@@ -444,9 +444,12 @@ fn shadow_mode_admits_and_counts() {
 #[test]
 fn the_controller_learns_what_the_limit_turned_away_and_not_what_memory_did() {
     use crate::gradient::{GradientState, Usage, GRADIENT_KEY};
-    let usage = |store: &MemStore| {
+    // (peak in flight, denied) as the shared window shows them after a tick.
+    let synced = |l: &mut Limiter, store: &MemStore| {
+        l.tick(store, 10, false);
         let (bytes, _) = store.get(GRADIENT_KEY).expect("synced");
-        GradientState::decode(&bytes).expect("our layout").usage
+        let u: Usage = GradientState::decode(&bytes).expect("our layout").usage;
+        (u.peak_in_flight, u.denied)
     };
     let store = MemStore::new();
     let mut l = Limiter::new(&fixed(2, 1.0), 8, 1);
@@ -468,14 +471,7 @@ fn the_controller_learns_what_the_limit_turned_away_and_not_what_memory_did() {
             ..
         }
     ));
-    l.tick(&store, 10, false);
-    assert_eq!(
-        usage(&store),
-        Usage {
-            peak_in_flight: 2,
-            denied: 3
-        }
-    );
+    assert_eq!(synced(&mut l, &store), (2, 3));
     for p in held {
         l.release(&store, p, done(1.0), 11);
     }
@@ -488,14 +484,7 @@ fn the_controller_learns_what_the_limit_turned_away_and_not_what_memory_did() {
     let held: Vec<_> = (0..3)
         .map(|_| shadow_or_ok(l.try_acquire(&store, S, 0)))
         .collect();
-    l.tick(&store, 10, false);
-    assert_eq!(
-        usage(&store),
-        Usage {
-            peak_in_flight: 3,
-            denied: 2
-        }
-    );
+    assert_eq!(synced(&mut l, &store), (3, 2));
     for p in held {
         l.release(&store, p, done(1.0), 11);
     }
