@@ -847,22 +847,3 @@ mod props {
         }
     }
 }
-#[test]
-fn tmp_repro() {
-    for g in [0u64, 1_000] {
-        let cfg = SimConfig {
-            workers: 5,
-            keys: 3,
-            capacity: 6,
-            shard_slots: 2,
-            cas_attempts: 1,
-            interleave_pct: 46,
-            garbage_ppm: g,
-            single_flight: true,
-            start_generation: None,
-            ..SimConfig::new(10319277396983482972, 3_000)
-        };
-        let r = run(cfg);
-        eprintln!("garbage {g}: violations {}", r.violations);
-    }
-}
