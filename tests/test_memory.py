@@ -167,6 +167,15 @@ class Supervised:
         harness.stop(self.proc)
 
 
+SHED_REASONS = ("concurrency", "admission", "memory")
+
+
+def shed_by_reason(stats: dict) -> dict[str, int]:
+    """The filter's 503s so far by the bound that shed them, critical and sheddable together."""
+    return {r: sum(stats.get(f"sessionguard.shed.{r}.{c}", 0) for c in ("critical", "sheddable"))
+            for r in SHED_REASONS}
+
+
 class Sampler(threading.Thread):
     """The store's memory every SAMPLE_EVERY_S, and the filter's view (if any) every 0.25 s."""
 
@@ -203,9 +212,7 @@ class Sampler(threading.Thread):
                                         "rtt_us": (s.get("sessionguard.min_rtt_us"),
                                                    s.get("sessionguard.sample_rtt_us")),
                                         "rejection": s.get("sessionguard.admission.rejection_permille"),
-                                        "shed": {r: sum(s.get(f"sessionguard.shed.{r}.{c}", 0)
-                                                        for c in ("critical", "sheddable"))
-                                                 for r in ("concurrency", "admission", "memory")}})
+                                        "shed": shed_by_reason(s)})
                 except OSError:
                     pass
             self.done.wait(max(0.0, SAMPLE_EVERY_S - (time.time() - t)))
@@ -450,9 +457,7 @@ def table(results: list[dict]) -> str:
         ceil = [x["ceiling"] for x in r["filter"] if x.get("ceiling")]
         per = [x["per_request"] for x in r["filter"] if x.get("per_request")]
         w, u = r["classes"]["write"], r["classes"]["user_get"]
-        by_reason = " / ".join(
-            f"{sum(r['stats'].get(f'sessionguard.shed.{reason}.{c}', 0) for c in ('critical', 'sheddable')):,}"
-            for reason in ("concurrency", "admission", "memory"))
+        by_reason = " / ".join(f"{n:,}" for n in shed_by_reason(r["stats"]).values())
         rows.append(
             f"| {r['limit'] // MiB} MiB | {r.get('per_request_bytes', REQUEST_BYTES_AT_64MIB)} "
             f"| {r['shape'][1][2] / capacity(r['service_ms']):.1f}x "
